@@ -1,0 +1,263 @@
+"""The GMML objective: reconstruct the clean image from a group-masked, corrupted one.
+
+Group-masked model learning (Atito, Awais, Kittler, "GMML is all you need", ICIP 2023), as used
+for chest X-rays by SPCXR (Anwar et al., arXiv 2211.12944). Unlike MAE there is no mask token and
+no token dropping: the corrupted image goes through the normal patch embedding and every token is
+encoded. The reconstruction features are the mean of the token outputs of blocks 6, 8, 10 and 12,
+then the encoder's final LayerNorm, without the CLS token (``vision_transformer.py`` of the
+reference); a per-token MLP and a transposed convolution paint them back into pixels; the loss is
+L1 over the corrupted pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from spcxr.models.heads import ReconstructionHead
+from spcxr.models.vit import create_encoder
+
+__all__ = [
+    "LOSS_ON",
+    "GMMLConfig",
+    "GMMLModel",
+    "map_blocks",
+    "param_groups",
+    "reconstruction_loss",
+]
+
+LOSS_ON = ("masked", "all")
+
+
+@dataclass
+class GMMLConfig:
+    """Model side of GMML pretraining (defaults: the reference ViT-S/16 at 224 x 224).
+
+    Attributes:
+        arch: ``"vit_tiny"``, ``"vit_small"``, ``"vit_base"`` or a timm ViT name.
+        img_size: input side in pixels (a multiple of ``patch_size``).
+        patch_size: patch side in pixels.
+        in_chans: image channels (1: grayscale chest X-rays); also the reconstructed channels.
+        drop_path_rate: stochastic depth of the last block.
+        recon_blocks: 1-based blocks whose outputs are averaged for reconstruction, numbered for
+            an encoder of depth ``recon_reference_depth``; mapped onto other depths by
+            ``map_blocks`` (reference ``--recons_blocks 6-8-10-12``).
+        recon_reference_depth: the depth ``recon_blocks`` is numbered for.
+        loss_on: ``"masked"`` (reference ``--drop_only 1``) or ``"all"`` pixels.
+        head_layers: Linear + GELU layers of the reconstruction head (3 in the reference).
+    """
+
+    arch: str = "vit_small"
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 1
+    drop_path_rate: float = 0.1
+    recon_blocks: tuple[int, ...] = (6, 8, 10, 12)
+    recon_reference_depth: int = 12
+    loss_on: str = "masked"
+    head_layers: int = 3
+
+    def __post_init__(self) -> None:
+        self.recon_blocks = tuple(int(b) for b in self.recon_blocks)
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        map_blocks(self.recon_blocks, self.recon_reference_depth, self.recon_reference_depth)
+
+
+def map_blocks(blocks: Iterable[int], depth: int, reference_depth: int = 12) -> tuple[int, ...]:
+    """Maps 1-based block numbers chosen for ``reference_depth`` onto an encoder of ``depth``.
+
+    Block ``b`` becomes ``ceil(b * depth / reference_depth)``: the same relative position, never
+    below 1, and the last block stays the last. Duplicates are merged.
+
+    Examples:
+        ``(6, 8, 10, 12)``: depth 12 -> ``(6, 8, 10, 12)``, 6 -> ``(3, 4, 5, 6)``,
+        4 -> ``(2, 3, 4)``, 24 -> ``(12, 16, 20, 24)``.
+
+    Raises:
+        ValueError: empty list, a depth below 1, or a block outside ``1..reference_depth``.
+    """
+    blocks = tuple(blocks)
+    if depth < 1 or reference_depth < 1:
+        raise ValueError(f"depths must be >= 1, got {depth} and {reference_depth}")
+    if not blocks:
+        raise ValueError("recon_blocks is empty: choose at least one block")
+    bad = [b for b in blocks if not 1 <= b <= reference_depth]
+    if bad:
+        raise ValueError(f"blocks {bad} are outside 1..{reference_depth} (1-based)")
+    return tuple(sorted({-(-b * depth // reference_depth) for b in blocks}))
+
+
+class GMMLModel(nn.Module):
+    """A timm ViT encoder plus GMML's reconstruction head.
+
+    Args:
+        config: model settings; ``GMMLConfig()`` when ``None``.
+        encoder: an existing timm ViT to use instead of building one from ``config``; its input
+            channels, patch size and image size must agree with ``config``.
+
+    Attributes:
+        encoder: the ViT (``num_classes=0``); the part that is kept after pretraining.
+        head: the ``ReconstructionHead``.
+        recon_blocks: the 1-based blocks averaged, mapped to the encoder's depth.
+    """
+
+    def __init__(
+        self, config: GMMLConfig | None = None, *, encoder: VisionTransformer | None = None
+    ) -> None:
+        super().__init__()
+        self.config = config = config or GMMLConfig()
+        if encoder is None:
+            encoder = create_encoder(
+                config.arch,
+                img_size=config.img_size,
+                patch_size=config.patch_size,
+                in_chans=config.in_chans,
+                drop_path_rate=config.drop_path_rate,
+            )
+        _check_encoder(encoder, config)
+        self.encoder = encoder
+        self.head = ReconstructionHead(
+            encoder.embed_dim, config.patch_size, config.in_chans, n_layers=config.head_layers
+        )
+        self.recon_blocks = map_blocks(
+            config.recon_blocks, len(encoder.blocks), config.recon_reference_depth
+        )
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recomputes each block in the backward pass (timm's flag on the encoder)."""
+        self.encoder.set_grad_checkpointing(enable)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Reconstruction features of an image batch.
+
+        Args:
+            x: (corrupted) images ``[B, C, H, W]``.
+
+        Returns:
+            Patch tokens ``[B, N, D]``: the mean of the chosen blocks' outputs, then the encoder's
+            final norm, prefix (CLS) tokens dropped.
+        """
+        enc = self.encoder
+        x = enc.patch_embed(x)  # [B, N, D]; every patch is embedded, masked or not
+        x = enc._pos_embed(x)  # [B, 1 + N, D] with the CLS token
+        x = enc.patch_drop(x)  # identity unless a patch_drop_rate was configured
+        x = enc.norm_pre(x)
+        outputs = []
+        # Blocks after the last chosen one cannot change the result: they are not run.
+        for index, block in enumerate(enc.blocks[: self.recon_blocks[-1]], start=1):
+            if enc.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+            if index in self.recon_blocks:
+                outputs.append(x)
+        x = torch.stack(outputs).mean(dim=0)  # [B, 1 + N, D]
+        return enc.norm(x)[:, enc.num_prefix_tokens :]  # [B, N, D]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstructs ``x`` ``[B, C, H, W]`` (the corrupted view) as ``[B, C, H, W]``."""
+        patch = self.config.patch_size
+        grid = (x.shape[-2] // patch, x.shape[-1] // patch)
+        return self.head(self.features(x), grid)
+
+
+def _check_encoder(encoder: VisionTransformer, config: GMMLConfig) -> None:
+    found = {
+        "in_chans": encoder.patch_embed.proj.in_channels,
+        "patch_size": encoder.patch_embed.patch_size,
+        "img_size": encoder.patch_embed.img_size,
+    }
+    wanted = {
+        "in_chans": config.in_chans,
+        "patch_size": (config.patch_size, config.patch_size),
+        "img_size": (config.img_size, config.img_size),
+    }
+    diff = {k: (found[k], wanted[k]) for k in found if found[k] != wanted[k]}
+    if diff:
+        raise ValueError(f"encoder does not match the config (encoder, config): {diff}")
+
+
+def reconstruction_loss(
+    recon: Tensor, clean: Tensor, mask: Tensor, loss_on: str = "masked"
+) -> Tensor:
+    """GMML's L1 reconstruction loss.
+
+    As in the reference (``recloss[mask == 1].mean()``), ``"masked"`` averages ``|recon - clean|``
+    over the masked pixels of the whole batch, every channel counted; ``"all"`` averages over every
+    pixel. Computed in float32 (safe under autocast). A batch with no masked pixel gives 0 rather
+    than NaN, without a data-dependent branch (``torch.compile`` friendly).
+
+    Args:
+        recon: reconstruction ``[B, C, H, W]``.
+        clean: the clean (normalised) view ``[B, C, H, W]``.
+        mask: True / 1 where the input was corrupted: ``[B, H, W]``, ``[B, 1, H, W]`` or
+            ``[B, C, H, W]``.
+        loss_on: ``"masked"`` or ``"all"``.
+
+    Returns:
+        The scalar loss.
+    """
+    if recon.shape != clean.shape or recon.ndim != 4:
+        raise ValueError(f"recon {tuple(recon.shape)} and clean {tuple(clean.shape)} differ")
+    err = F.l1_loss(recon.float(), clean.float(), reduction="none")  # [B, C, H, W]
+    if loss_on == "all":
+        return err.mean()
+    if loss_on != "masked":
+        raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+    if mask.ndim == 3:
+        mask = mask.unsqueeze(1)
+    batch, chans, height, width = err.shape
+    if mask.ndim != 4 or mask.shape[0] != batch or mask.shape[2:] != (height, width):
+        raise ValueError(f"mask {tuple(mask.shape)} does not fit images {tuple(err.shape)}")
+    if mask.shape[1] not in (1, chans):
+        raise ValueError(f"mask has {mask.shape[1]} channels, images have {chans}")
+    weight = mask.to(err.dtype).expand_as(err)
+    return (err * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, *, skip: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """AdamW parameter groups with the reference rule for weight decay.
+
+    DINO / GMML ``utils.get_params_groups``: a parameter gets no weight decay when it is 1-D
+    (norm weights) or its name ends with ``.bias``. ``cls_token`` ``[1, 1, D]`` and ``pos_embed``
+    ``[1, 1 + N, D]`` are 3-D and are therefore decayed, as in the reference (timm's
+    ``no_weight_decay()`` would exempt them; pass their names in ``skip`` to do that). The decayed
+    group comes first because the reference schedules weight decay on group 0 only; each group also
+    carries a ``"name"`` ("decay" / "no_decay") so schedules can find it by name.
+
+    Args:
+        model: the module to optimise; frozen parameters are left out.
+        weight_decay: initial weight decay of the decayed group.
+        skip: extra parameter names to exempt from weight decay.
+
+    Returns:
+        ``[{"name": "decay", ...}, {"name": "no_decay", "weight_decay": 0.0, ...}]``.
+    """
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    skip_set = set(skip)
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or name.endswith(".bias") or name in skip_set:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
