@@ -1,0 +1,206 @@
+"""The prepared store: compact uint8 images (+ masks) in memory-mappable shards and a manifest.
+
+Layout of a store folder::
+
+    store.json                   format version, image size, sources, prepare settings, fingerprint
+    shards/<chunk>.images.npy    uint8 [n, S, S] (one .npy per chunk, opened with mmap)
+    shards/<chunk>.masks.npy     uint8 [n, S, S] 0/1 lung masks (only for chunks that have any)
+    shards/<chunk>.parquet       the chunk's manifest rows (written last: it marks the chunk done)
+    shards/<chunk>.errors.csv    inputs of the chunk that were skipped, with the reason
+    manifest.parquet             every row, with shard/offset, duplicate group, patient group, split
+    errors.csv                   every skipped input (file, source, stage, reason)
+    duplicates.csv               duplicate pairs (exact and near) found across all sources
+    report.json, report.md       counts, classes, sources, splits, duplicates, errors
+
+Loader workers only slice these arrays (no decoding), so reading a batch costs a memcpy per
+image. Every file is written to a temporary name and renamed, so an interrupted run never
+leaves a half-written file that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+STORE_FORMAT = "spcxr-store"
+STORE_VERSION = 1
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """Save an array as .npy atomically (temporary file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_store_json(root: Path) -> dict[str, Any]:
+    path = root / "store.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{root}: not a prepared store (no store.json); run `spcxr prepare`"
+        )
+    meta = json.loads(path.read_text())
+    if meta.get("format") != STORE_FORMAT:
+        raise ValueError(f"{path}: not an spcxr store (format={meta.get('format')!r})")
+    if meta.get("version") != STORE_VERSION:
+        raise ValueError(f"{path}: store version {meta.get('version')} is not supported")
+    return meta
+
+
+def fingerprint_manifest(manifest: pd.DataFrame, image_size: int) -> str:
+    """A short content fingerprint: image size + every row's pixel hash, mask flag and split."""
+    h = hashlib.blake2b(digest_size=12)
+    h.update(f"size={image_size};n={len(manifest)};".encode())
+    cols = [c for c in ("pixel_hash", "has_mask", "label", "split") if c in manifest.columns]
+    columns = [
+        manifest[c].astype(object).where(manifest[c].notna(), "").map(str).tolist() for c in cols
+    ]
+    for values in zip(*columns, strict=True):
+        h.update("|".join(values).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+class PreparedStore:
+    """Read access to a prepared store: the manifest plus memory-mapped image / mask shards.
+
+    Opening is cheap (the arrays are memory-mapped, nothing is decoded). ``images(idx)``
+    gathers any set of rows into one contiguous uint8 array, shard by shard, so a loader worker
+    costs one memcpy per image.
+
+    Args:
+        root: the store folder written by ``spcxr prepare``.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.meta = read_store_json(self.root)
+        manifest_path = self.root / "manifest.parquet"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(
+                f"{self.root}: store has no manifest.parquet (prepare was interrupted before "
+                "it finished); run `spcxr prepare` again to resume"
+            )
+        self.manifest = pd.read_parquet(manifest_path)
+        self.image_size = int(self.meta["image_size"])
+        self.shard_names: list[str] = sorted(self.manifest["shard"].unique().tolist())
+        shard_index = {name: i for i, name in enumerate(self.shard_names)}
+        self._shard_of = self.manifest["shard"].map(shard_index).to_numpy(np.int64)
+        self._offset = self.manifest["offset"].to_numpy(np.int64)
+        self._images: list[np.ndarray | None] = [None] * len(self.shard_names)
+        self._masks: list[np.ndarray | None] = [None] * len(self.shard_names)
+        self.has_mask = self.manifest["has_mask"].to_numpy(bool)
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.meta["fingerprint"])
+
+    def _shard(self, i: int, kind: str) -> np.ndarray | None:
+        cache = self._images if kind == "images" else self._masks
+        arr = cache[i]
+        if arr is None:
+            path = self.root / "shards" / f"{self.shard_names[i]}.{kind}.npy"
+            if not path.is_file():
+                return None
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            cache[i] = arr
+        return arr
+
+    def _gather(self, idx: Sequence[int] | np.ndarray, kind: str) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        size = self.image_size
+        out = np.zeros((len(idx), size, size), dtype=np.uint8)
+        if len(idx) == 0:
+            return out
+        shards = self._shard_of[idx]
+        offsets = self._offset[idx]
+        # Group by shard so each shard is touched once; fancy indexing on a memmap copies the
+        # selected rows straight into a new array.
+        order = np.argsort(shards, kind="stable")
+        bounds = np.flatnonzero(np.diff(shards[order])) + 1
+        for group in np.split(order, bounds):
+            shard_arr = self._shard(int(shards[group[0]]), kind)
+            if shard_arr is None:
+                continue  # masks of a chunk without any mask: zeros
+            rows = offsets[group]
+            sort = np.argsort(rows)
+            out[group[sort]] = shard_arr[rows[sort]]
+        return out
+
+    def images(self, idx: Sequence[int] | np.ndarray) -> np.ndarray:
+        """uint8 [n, S, S] images of the given manifest rows (higher = more attenuation)."""
+        return self._gather(idx, "images")
+
+    def masks(self, idx: Sequence[int] | np.ndarray) -> np.ndarray:
+        """uint8 [n, S, S] lung masks (0/1) of the given rows; zeros where a row has no mask."""
+        return self._gather(idx, "masks")
+
+    def indices(
+        self,
+        split: str | Sequence[str] | None = None,
+        *,
+        source: str | Sequence[str] | None = None,
+        labelled: bool = False,
+        with_mask: bool = False,
+    ) -> np.ndarray:
+        """Row indices selected by split / source / label / mask availability."""
+        keep = np.ones(len(self.manifest), dtype=bool)
+        for column, wanted in (("split", split), ("source", source)):
+            if wanted is not None:
+                values = [wanted] if isinstance(wanted, str) else list(wanted)
+                keep &= self.manifest[column].isin(values).to_numpy()
+        if labelled:
+            keep &= self.manifest["label"].notna().to_numpy()
+        if with_mask:
+            keep &= self.has_mask
+        return np.flatnonzero(keep)
