@@ -101,7 +101,7 @@ def test_shenzhen_masks_are_aligned(shared_data: Path, tmp_path: Path) -> None:
         assert inter / union > 0.99
         # Lungs are dark (low attenuation) next to the mediastinum between them.
         lungs = images[k][masks[k] == 1].mean()
-        ys, xs = np.nonzero(masks[k])
+        ys = np.nonzero(masks[k])[0]
         centre = images[k][ys.min() : ys.max(), 60:68].mean()
         assert lungs + 10 < centre, (row.image_path, lungs, centre)
 
