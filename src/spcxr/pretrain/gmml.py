@@ -189,15 +189,15 @@ def _check_encoder(encoder: VisionTransformer, config: GMMLConfig) -> None:
         raise ValueError(f"encoder does not match the config (encoder, config): {diff}")
 
 
-def reconstruction_loss(
+def reconstruction_loss_terms(
     recon: Tensor, clean: Tensor, mask: Tensor, loss_on: str = "masked"
-) -> Tensor:
-    """GMML's L1 reconstruction loss.
+) -> tuple[Tensor, Tensor]:
+    """Sum of ``|recon - clean|`` over the scored pixels and their count (both float32).
 
-    As in the reference (``recloss[mask == 1].mean()``), ``"masked"`` averages ``|recon - clean|``
-    over the masked pixels of the whole batch, every channel counted; ``"all"`` averages over every
-    pixel. Computed in float32 (safe under autocast). A batch with no masked pixel gives 0 rather
-    than NaN, without a data-dependent branch (``torch.compile`` friendly).
+    :func:`reconstruction_loss` is ``sum / max(count, 1)``. The two terms are what a
+    distributed step needs: summing both over processes gives exactly the loss of one process
+    holding the whole global batch (a mean of per-process means would weight processes by
+    their share of masked pixels).
 
     Args:
         recon: reconstruction ``[B, C, H, W]``.
@@ -205,15 +205,12 @@ def reconstruction_loss(
         mask: True / 1 where the input was corrupted: ``[B, H, W]``, ``[B, 1, H, W]`` or
             ``[B, C, H, W]``.
         loss_on: ``"masked"`` or ``"all"``.
-
-    Returns:
-        The scalar loss.
     """
     if recon.shape != clean.shape or recon.ndim != 4:
         raise ValueError(f"recon {tuple(recon.shape)} and clean {tuple(clean.shape)} differ")
     err = F.l1_loss(recon.float(), clean.float(), reduction="none")  # [B, C, H, W]
     if loss_on == "all":
-        return err.mean()
+        return err.sum(), torch.tensor(float(err.numel()), device=err.device)
     if loss_on != "masked":
         raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
     if mask.ndim == 3:
@@ -224,7 +221,26 @@ def reconstruction_loss(
     if mask.shape[1] not in (1, chans):
         raise ValueError(f"mask has {mask.shape[1]} channels, images have {chans}")
     weight = mask.to(err.dtype).expand_as(err)
-    return (err * weight).sum() / weight.sum().clamp_min(1.0)
+    return (err * weight).sum(), weight.sum()
+
+
+def reconstruction_loss(
+    recon: Tensor, clean: Tensor, mask: Tensor, loss_on: str = "masked"
+) -> Tensor:
+    """GMML's L1 reconstruction loss.
+
+    As in the reference (``recloss[mask == 1].mean()``), ``"masked"`` averages ``|recon - clean|``
+    over the masked pixels of the whole batch, every channel counted; ``"all"`` averages over every
+    pixel. Computed in float32 (safe under autocast). A batch with no masked pixel gives 0 rather
+    than NaN, without a data-dependent branch (``torch.compile`` friendly).
+
+    Args: as :func:`reconstruction_loss_terms`.
+
+    Returns:
+        The scalar loss.
+    """
+    total, count = reconstruction_loss_terms(recon, clean, mask, loss_on)
+    return total / count.clamp_min(1.0)
 
 
 def param_groups(

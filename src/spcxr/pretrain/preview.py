@@ -1,0 +1,60 @@
+"""Reconstruction previews: clean | corrupted | reconstruction | mask for a few fixed images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: previews are written during training, never shown
+import matplotlib.pyplot as plt
+from torch import Tensor
+
+from spcxr.data.augment import AugmentConfig, denormalize
+
+COLUMNS = ("clean", "corrupted", "reconstruction", "mask")
+
+
+def save_preview(
+    path: str | Path,
+    clean: Tensor,
+    corrupted: Tensor,
+    recon: Tensor,
+    mask: Tensor,
+    augment: AugmentConfig,
+    *,
+    title: str = "",
+) -> Path:
+    """Write one row per image: the clean view, its corruption, the reconstruction, the mask.
+
+    Intensities are shown in [0, 1] (normalisation undone, first channel); the reconstruction is
+    pasted over the clean view outside the mask too, so what the model reconstructs everywhere
+    is visible.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    panels = [
+        denormalize(clean[:, :1].float(), augment),
+        denormalize(corrupted[:, :1].float(), augment),
+        denormalize(recon[:, :1].float(), augment),
+        mask[:, :1].float(),
+    ]
+    panels = [p.clamp(0, 1).cpu() for p in panels]
+    n = clean.shape[0]
+    fig, axes = plt.subplots(n, 4, figsize=(8, 2 * n + 0.4), squeeze=False)
+    for i in range(n):
+        for j, panel in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(panel[i, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(COLUMNS[j], fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
