@@ -95,6 +95,7 @@ class PrepareResult:
     n_errors: int
     n_duplicate_pairs: int
     seconds: float
+    seconds_images: float
     report: dict[str, Any]
 
 
@@ -407,7 +408,9 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     n_todo = sum(len(c.records) for c, _ in pending)
     if n_resumed:
         log.info("resuming: %d of %d chunks already done", n_resumed, len(all_chunks))
+    images_start = time.perf_counter()
     _run_chunks(pending, shards, config, dicom, n_todo)
+    seconds_images = time.perf_counter() - images_start
 
     result_report = finalize(root, config)
     n_errors = result_report["errors"]["total"]
@@ -419,6 +422,7 @@ def prepare(config: PrepareConfig) -> PrepareResult:
         n_errors=n_errors,
         n_duplicate_pairs=result_report["duplicates"]["pairs"],
         seconds=time.perf_counter() - start,
+        seconds_images=seconds_images,
         report=result_report,
     )
     return result

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from spcxr import __version__
 from spcxr.config import save_yaml, to_dict
-from spcxr.data.augment import AugmentConfig, make_views
+from spcxr.data.augment import AugmentConfig, eval_transform, make_views
 from spcxr.data.loader import EpochBatchSampler, StoreBatches, make_loader
 from spcxr.data.store import PreparedStore, atomic_write_text
 from spcxr.pretrain.gmml import GMMLConfig, GMMLModel, param_groups, reconstruction_loss_terms
@@ -513,13 +513,13 @@ class Pretrainer:
         n = min(self.config.preview_images, len(self.rows))
         rows = self.rows[np.linspace(0, len(self.rows) - 1, n).astype(int)]
         images = torch.from_numpy(self.store.images(rows)).unsqueeze(1).to(self.device)
-        rnd = BatchRandom.local(self.config.seed, -1, n * self.config.augment.n_views, self.device)
-        views, ids = make_views(images, self.config.augment, rnd)
-        views, ids = views[:n], ids[:n]  # first view of each image
+        # Whole images (deterministic resize, no crop) so the anatomy is recognisable, and
+        # fixed corruptions (step -1), so previews of successive epochs are comparable.
+        views = eval_transform(images, self.config.model.img_size, self.config.augment)
         if self.config.model.in_chans > 1:
             views = views.expand(-1, self.config.model.in_chans, -1, -1).contiguous()
-        sub = BatchRandom.local(self.config.seed, -1, n, self.device)
-        corrupted = corrupt(views, ids, self.config.masking, sub)
+        rnd = BatchRandom.local(self.config.seed, -1, n, self.device)
+        corrupted = corrupt(views, torch.arange(n, device=self.device), self.config.masking, rnd)
         was_training = self.model.training
         self.model.eval()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from spcxr.data.augment import AugmentConfig, denormalize
 
-COLUMNS = ("clean", "corrupted", "reconstruction", "mask")
+COLUMNS = ("clean", "corrupted", "reconstruction", "recon. in mask", "mask")
 
 
 def save_preview(
@@ -25,23 +25,30 @@ def save_preview(
     *,
     title: str = "",
 ) -> Path:
-    """Write one row per image: the clean view, its corruption, the reconstruction, the mask.
+    """Write one row per image: clean view, corruption, reconstruction, reconstruction inside
+    the mask (clean pixels elsewhere, as MAE-style figures show it), mask.
 
-    Intensities are shown in [0, 1] (normalisation undone, first channel); the reconstruction is
-    pasted over the clean view outside the mask too, so what the model reconstructs everywhere
-    is visible.
+    Intensities are shown in [0, 1] (normalisation undone, first channel). With the default
+    masked-pixel loss the model is never asked to reproduce visible pixels, so the raw
+    reconstruction is only meaningful inside the mask.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean01 = denormalize(clean[:, :1].float(), augment)
+    recon01 = denormalize(recon[:, :1].float(), augment)
+    inside = mask[:, :1].bool()
     panels = [
-        denormalize(clean[:, :1].float(), augment),
+        clean01,
         denormalize(corrupted[:, :1].float(), augment),
-        denormalize(recon[:, :1].float(), augment),
-        mask[:, :1].float(),
+        recon01,
+        recon01.where(inside, clean01),
+        inside.float(),
     ]
     panels = [p.clamp(0, 1).cpu() for p in panels]
     n = clean.shape[0]
-    fig, axes = plt.subplots(n, 4, figsize=(8, 2 * n + 0.4), squeeze=False)
+    fig, axes = plt.subplots(
+        n, len(COLUMNS), figsize=(2 * len(COLUMNS), 2 * n + 0.4), squeeze=False
+    )
     for i in range(n):
         for j, panel in enumerate(panels):
             ax = axes[i, j]
