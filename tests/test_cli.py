@@ -73,3 +73,14 @@ def test_demo_end_to_end(tmp_path: Path, capsys) -> None:
     assert Path(summary["pretrain"]["preview"]).is_file()
     assert (out / "store" / "report.md").is_file()
     assert "synthetic" in summary["note"]
+
+
+def test_synth_command_writes_a_readable_set(tmp_path: Path) -> None:
+    out = tmp_path / "synthetic"
+    assert (
+        main(["synth", "--out", str(out), "--n-patients", "3", "--size", "64", "--seed", "2"]) == 0
+    )
+    manifest = (out / "manifest.csv").read_text().splitlines()
+    assert manifest[0] == "file,mask_file,label,patient_id,site,view,sex,age"
+    assert len(manifest) >= 4
+    assert all((out / line.split(",")[0]).is_file() for line in manifest[1:])

@@ -315,3 +315,24 @@ def test_two_process_ddp_matches_one_process(tiny_store: Path, tmp_path: Path) -
     la = [r["loss"] for r in read_log(tmp_path / "one")]
     lb = [r["loss"] for r in read_log(tmp_path / "two")]
     assert la == pytest.approx(lb, abs=1e-5)
+
+
+def test_gradient_accumulation_sees_the_whole_batch_per_step(
+    tiny_store: Path, tmp_path: Path, monkeypatch
+) -> None:
+    seen: list[int] = []
+    original = Pretrainer.train_step
+
+    def record(self, batches):
+        seen.append(sum(b.shape[0] for b in batches))
+        assert len(batches) == 2
+        return original(self, batches)
+
+    monkeypatch.setattr(Pretrainer, "train_step", record)
+    result = pretrain(
+        _config(tiny_store, tmp_path / "acc", accum_steps=2, max_steps=3, log_every=1)
+    )
+    assert seen == [8, 8, 8] and result.steps == 3
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
+    with pytest.raises(ValueError, match="accumulation"):
+        Pretrainer(_config(tiny_store, tmp_path / "bad", accum_steps=3))
