@@ -213,7 +213,7 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def save_yaml(config: Any, path: str | Path) -> None:
     """Write the resolved config (atomically) as YAML."""
-    from spcxr.data.store import atomic_write_text
+    from spcxr.atomic import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))
 

@@ -29,6 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from spcxr import __version__
+from spcxr.atomic import atomic_path, atomic_write_text
 from spcxr.data.dedup import DedupConfig, find_duplicates
 from spcxr.data.records import Record, Skip
 from spcxr.data.splits import SplitConfig, assign_splits, check_leakage, patient_groups
@@ -38,7 +39,6 @@ from spcxr.data.store import (
     PreparedStore,
     atomic_save_npy,
     atomic_write_parquet,
-    atomic_write_text,
     fingerprint_manifest,
 )
 from spcxr.io import DicomOptions, ImageReadError, read_image, read_mask
@@ -295,9 +295,8 @@ def _write_chunk(
     table = table.replace_schema_metadata(
         {**(table.schema.metadata or {}), b"spcxr_chunk_key": key.encode()}
     )
-    tmp = shards / f".{chunk.name}.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, shards / f"{chunk.name}.parquet")  # the rows file last: marks the chunk done
+    with atomic_path(shards / f"{chunk.name}.parquet") as tmp:  # last: marks the chunk done
+        pq.write_table(table, tmp)
 
 
 # ---------------------------------------------------------------------------------------------

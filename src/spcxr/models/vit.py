@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,6 +64,8 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv
 from timm.models.vision_transformer import VisionTransformer
+
+from spcxr.atomic import atomic_path
 
 __all__ = [
     "VARIANTS",
@@ -295,18 +296,6 @@ def _encoder_config(
     }
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Calls ``write(tmp_path)`` then renames, so a crash never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _export_paths(path: str | os.PathLike[str]) -> tuple[Path, Path | None]:
     """(weights file, config.json or None) for a ``.safetensors`` file or a folder."""
     path = Path(path)
@@ -354,10 +343,12 @@ def save_encoder(
     config = _encoder_config(encoder, in_chans, mean, std, extra_config)
     metadata = {"format": "pt", _METADATA_KEY: json.dumps(config)}
     weights_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(weights_path, lambda tmp: safetensors.torch.save_file(state, tmp, metadata))
+    with atomic_path(weights_path) as tmp:
+        safetensors.torch.save_file(state, tmp, metadata)
     if config_path is not None:
         text = json.dumps(config, indent=2)
-        _atomic_write(config_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        with atomic_path(config_path) as tmp:
+            Path(tmp).write_text(text, encoding="utf-8")
     return weights_path
 
 

@@ -32,10 +32,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from spcxr import __version__
+from spcxr.atomic import atomic_write_text
 from spcxr.config import save_yaml, to_dict
 from spcxr.data.augment import AugmentConfig, eval_transform, make_views
 from spcxr.data.loader import EpochBatchSampler, StoreBatches, make_loader
-from spcxr.data.store import PreparedStore, atomic_write_text
+from spcxr.data.store import PreparedStore
 from spcxr.pretrain.gmml import GMMLConfig, GMMLModel, param_groups, reconstruction_loss_terms
 from spcxr.pretrain.masking import MaskingConfig, corrupt
 from spcxr.pretrain.rng import BatchRandom, derive_seed

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: previews are written during training, never shown
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure  # object API: no pyplot state, no GUI backend
 from torch import Tensor
 
+from spcxr.atomic import atomic_path
 from spcxr.data.augment import AugmentConfig, denormalize
 
 COLUMNS = ("clean", "corrupted", "reconstruction", "recon. in mask", "mask")
@@ -46,9 +44,8 @@ def save_preview(
     ]
     panels = [p.clamp(0, 1).cpu() for p in panels]
     n = clean.shape[0]
-    fig, axes = plt.subplots(
-        n, len(COLUMNS), figsize=(2 * len(COLUMNS), 2 * n + 0.4), squeeze=False
-    )
+    fig = Figure(figsize=(2 * len(COLUMNS), 2 * n + 0.4))
+    axes = fig.subplots(n, len(COLUMNS), squeeze=False)
     for i in range(n):
         for j, panel in enumerate(panels):
             ax = axes[i, j]
@@ -60,8 +57,6 @@ def save_preview(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     return path
