@@ -12,8 +12,10 @@ differ only in how views are augmented, masked and corrupted:
   training device a second loop over the images of the batch redraws the replacement views
   from another image, one image at a time.
 
-Prints one JSON line: views/s of each (measured in the same run, alternating), their ratio, and
-the share of spcxr's step spent in augmentation + masking.
+Prints one JSON line: views/s of each full step (measured in the same run, in alternating phases)
+and their ratio; views/s of each data pipeline alone (loader + augmentation + masking, no model:
+the ceiling a pipeline puts on a fast training step); and the share of spcxr's step spent in
+augmentation + masking.
 
 Usage: python bench/pretrain_throughput.py [--store STORE] [--arch vit_small --img-size 224
        --patch-size 16 --batch 16 --steps 6 --device auto]
@@ -144,59 +146,101 @@ def run(args: argparse.Namespace, store: Path) -> dict:
     views_per_step = args.batch * config.augment.n_views
     rows = trainer.rows
 
-    # spcxr: the real loader + train_step; augmentation+masking timed separately on the same batches.
-    sampler = EpochBatchSampler(rows, args.batch, seed=1, total_steps=args.steps + 2)
-    spcxr_iter = iter(make_loader(StoreBatches(store), sampler, workers=args.workers))
-    ref_data = ReferenceViews(store, config.augment, config.masking)
-    ref_loader = DataLoader(
-        ref_data,
-        batch_size=args.batch,
-        num_workers=args.workers,
-        sampler=iter(np.random.default_rng(2).choice(rows, 10**6)),
-        persistent_workers=args.workers > 0,
-    )
-    ref_iter = iter(ref_loader)
     model = trainer.model
+    seeds = iter(range(10**6))
 
-    def spcxr_step() -> tuple[float, float]:
+    def spcxr_phase(steps: int) -> tuple[list[float], list[float]]:
+        """The real loader + train_step; augmentation+masking also timed alone on each batch."""
+        sampler = EpochBatchSampler(rows, args.batch, seed=next(seeds), total_steps=steps + 1)
+        loader = iter(make_loader(StoreBatches(store), sampler, workers=args.workers))
+        step_times, aug_times = [], []
+        for k in range(steps + 1):  # the first step warms the workers up
+            start = time.perf_counter()
+            batch = next(loader)["images"].to(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                trainer.corrupt_batch(batch, trainer.step)
+            _sync(device)
+            aug = time.perf_counter() - t0
+            trainer.train_step([batch])  # redoes the same augmentation + masking inside
+            trainer.step += 1
+            _sync(device)
+            if k:
+                step_times.append(time.perf_counter() - start - aug)
+                aug_times.append(aug)
+        del loader  # stop its workers before the other pipeline runs
+        return step_times, aug_times
+
+    def reference_phase(steps: int) -> list[float]:
+        ref_data = ReferenceViews(store, config.augment, config.masking)
+        order = np.random.default_rng(next(seeds)).choice(rows, args.batch * (steps + 1))
+        loader = iter(
+            DataLoader(ref_data, batch_size=args.batch, num_workers=args.workers, sampler=order)
+        )
+        times = []
+        for k in range(steps + 1):
+            start = time.perf_counter()
+            clean, corrupted, masks = next(loader)
+            clean = clean.flatten(0, 1).to(device)
+            corrupted, masks = corrupted.flatten(0, 1).to(device), masks.flatten(0, 1).to(device)
+            corrupted, masks = reference_replace(clean, corrupted, masks, config.masking)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                recon = model(corrupted)
+            loss = reconstruction_loss(recon, clean, masks[:, :1])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            _sync(device)
+            if k:
+                times.append(time.perf_counter() - start)
+        del loader
+        return times
+
+    def pipeline_only(steps: int) -> tuple[float, float]:
+        """Views/s of each data pipeline alone (no model): the ceiling it puts on a fast step."""
+        sampler = EpochBatchSampler(rows, args.batch, seed=next(seeds), total_steps=steps + 1)
+        loader = iter(make_loader(StoreBatches(store), sampler, workers=args.workers))
+        next(loader)
         start = time.perf_counter()
-        batch = next(spcxr_iter)["images"].to(device)
+        for k in range(steps):
+            with torch.no_grad():
+                trainer.corrupt_batch(next(loader)["images"].to(device), k)
         _sync(device)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            trainer.corrupt_batch(batch, trainer.step)
-        _sync(device)
-        aug = time.perf_counter() - t0
-        trainer.train_step([batch])  # redoes the same augmentation + masking inside the step
-        trainer.step += 1
-        _sync(device)
-        return time.perf_counter() - start - aug, aug
-
-    def reference_step() -> float:
+        ours = steps * views_per_step / (time.perf_counter() - start)
+        del loader
+        ref_data = ReferenceViews(store, config.augment, config.masking)
+        order = np.random.default_rng(next(seeds)).choice(rows, args.batch * (steps + 1))
+        loader = iter(
+            DataLoader(ref_data, batch_size=args.batch, num_workers=args.workers, sampler=order)
+        )
+        next(loader)
         start = time.perf_counter()
-        clean, corrupted, masks = next(ref_iter)
-        clean = clean.flatten(0, 1).to(device)
-        corrupted, masks = corrupted.flatten(0, 1).to(device), masks.flatten(0, 1).to(device)
-        corrupted, masks = reference_replace(clean, corrupted, masks, config.masking)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            recon = model(corrupted)
-        loss = reconstruction_loss(recon, clean, masks[:, :1])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
+        for _ in range(steps):
+            clean, corrupted, masks = next(loader)
+            reference_replace(
+                clean.flatten(0, 1).to(device),
+                corrupted.flatten(0, 1).to(device),
+                masks.flatten(0, 1).to(device),
+                config.masking,
+            )
         _sync(device)
-        return time.perf_counter() - start
+        theirs = steps * views_per_step / (time.perf_counter() - start)
+        del loader
+        return ours, theirs
 
-    for _ in range(2):  # warm-up: workers start, caches fill
-        spcxr_step()
-        reference_step()
+    spcxr_pipe, ref_pipe = pipeline_only(args.pipeline_steps)
+
+    # Phases A B A B: each pipeline's loader workers run only during its own phase (so one
+    # pipeline's prefetching never steals the CPU from the other), and drift hits both alike.
     spcxr_times, aug_times, ref_times = [], [], []
-    for _ in range(args.steps):  # alternate, so machine noise hits both alike
-        step, aug = spcxr_step()
-        spcxr_times.append(step)
-        aug_times.append(aug)
-        ref_times.append(reference_step())
+    half = max(1, args.steps // 2)
+    for _ in range(2):
+        step, aug = spcxr_phase(half)
+        spcxr_times += step
+        aug_times += aug
+        ref_times += reference_phase(half)
     spcxr_vps = views_per_step / float(np.median(spcxr_times))
     ref_vps = views_per_step / float(np.median(ref_times))
     aug_share = float(np.median(aug_times)) / float(np.median(spcxr_times))
@@ -215,6 +259,8 @@ def run(args: argparse.Namespace, store: Path) -> dict:
         "reference_style_views_per_s": round(ref_vps, 2),
         "speedup": round(spcxr_vps / ref_vps, 2),
         "spcxr_aug_mask_share_of_step": round(aug_share, 4),
+        "spcxr_pipeline_only_views_per_s": round(spcxr_pipe, 1),
+        "reference_style_pipeline_only_views_per_s": round(ref_pipe, 1),
         "spcxr_aug_mask_ms": round(1000 * float(np.median(aug_times)), 1),
         "spcxr_step_ms": round(1000 * float(np.median(spcxr_times)), 1),
         "reference_step_ms": round(1000 * float(np.median(ref_times)), 1),
@@ -229,6 +275,9 @@ def main() -> None:
     parser.add_argument("--patch-size", type=int, default=16)
     parser.add_argument("--batch", type=int, default=16, help="images per step (2 views each)")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument(
+        "--pipeline-steps", type=int, default=10, help="steps of the no-model phase"
+    )
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
