@@ -492,9 +492,8 @@ def finalize(root: Path, config: PrepareConfig) -> dict[str, Any]:
             f"{root}: no image could be prepared ({len(errors)} skipped; see errors.csv)"
         )
 
-    # Duplicates need the shards readable through PreparedStore's gather.
     manifest["index"] = np.arange(len(manifest), dtype=np.int64)
-    reader = _ShardReader(shards, manifest, int(meta["image_size"]))
+    reader = PreparedStore.from_manifest(root, manifest, int(meta["image_size"]))
     pairs, dup_group, dedup_notes = find_duplicates(manifest, reader.images, config.dedup)
     manifest["dup_group"] = dup_group
     groups = patient_groups(manifest, dup_group)
@@ -515,22 +514,6 @@ def finalize(root: Path, config: PrepareConfig) -> dict[str, Any]:
     atomic_write_text(root / "report.json", json.dumps(report, indent=2, default=str))
     atomic_write_text(root / "report.md", render_report(report))
     return report
-
-
-class _ShardReader(PreparedStore):
-    """A PreparedStore over a manifest that is not written yet (used while finalizing)."""
-
-    def __init__(self, shards: Path, manifest: pd.DataFrame, image_size: int) -> None:
-        self.root = shards.parent
-        self.manifest = manifest
-        self.image_size = image_size
-        self.shard_names = sorted(manifest["shard"].unique().tolist())
-        index = {name: i for i, name in enumerate(self.shard_names)}
-        self._shard_of = manifest["shard"].map(index).to_numpy(np.int64)
-        self._offset = manifest["offset"].to_numpy(np.int64)
-        self._images = [None] * len(self.shard_names)
-        self._masks = [None] * len(self.shard_names)
-        self.has_mask = manifest["has_mask"].to_numpy(bool)
 
 
 def _describe_pairs(pairs: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
@@ -621,9 +604,14 @@ def render_report(report: dict[str, Any]) -> str:
         "| source | spec | images | patients | labels |",
         "|---|---|---|---|---|",
     ]
+
+    def labels(counts: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in counts.items())
+
     for name, s in report["sources"].items():
-        labels = ", ".join(f"{k} {v}" for k, v in s["labels"].items())
-        lines.append(f"| {name} | `{s['spec']}` | {s['images']} | {s['patients']} | {labels} |")
+        lines.append(
+            f"| {name} | `{s['spec']}` | {s['images']} | {s['patients']} | {labels(s['labels'])} |"
+        )
     lines += [
         "",
         f"## Splits ({report['split_mode']}, by patient group)",
@@ -632,8 +620,7 @@ def render_report(report: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for name, s in report["splits"].items():
-        labels = ", ".join(f"{k} {v}" for k, v in s["labels"].items())
-        lines.append(f"| {name} | {s['images']} | {s['patients']} | {labels} |")
+        lines.append(f"| {name} | {s['images']} | {s['patients']} | {labels(s['labels'])} |")
     d = report["duplicates"]
     lines += [
         "",

@@ -93,15 +93,29 @@ class PreparedStore:
                 f"{self.root}: store has no manifest.parquet (prepare was interrupted before "
                 "it finished); run `spcxr prepare` again to resume"
             )
-        self.manifest = pd.read_parquet(manifest_path)
-        self.image_size = int(self.meta["image_size"])
-        self.shard_names: list[str] = sorted(self.manifest["shard"].unique().tolist())
+        self._index(pd.read_parquet(manifest_path), int(self.meta["image_size"]))
+
+    @classmethod
+    def from_manifest(
+        cls, root: str | Path, manifest: pd.DataFrame, image_size: int
+    ) -> PreparedStore:
+        """Read access to shards through a manifest not yet written (used while preparing)."""
+        store = cls.__new__(cls)
+        store.root = Path(root)
+        store.meta = {"image_size": image_size}
+        store._index(manifest, image_size)
+        return store
+
+    def _index(self, manifest: pd.DataFrame, image_size: int) -> None:
+        self.manifest = manifest
+        self.image_size = image_size
+        self.shard_names: list[str] = sorted(manifest["shard"].unique().tolist())
         shard_index = {name: i for i, name in enumerate(self.shard_names)}
-        self._shard_of = self.manifest["shard"].map(shard_index).to_numpy(np.int64)
-        self._offset = self.manifest["offset"].to_numpy(np.int64)
+        self._shard_of = manifest["shard"].map(shard_index).to_numpy(np.int64)
+        self._offset = manifest["offset"].to_numpy(np.int64)
         self._images: list[np.ndarray | None] = [None] * len(self.shard_names)
         self._masks: list[np.ndarray | None] = [None] * len(self.shard_names)
-        self.has_mask = self.manifest["has_mask"].to_numpy(bool)
+        self.has_mask = manifest["has_mask"].to_numpy(bool)
 
     def __len__(self) -> int:
         return len(self.manifest)
