@@ -112,6 +112,7 @@ def test_prepare_class_folders(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "store" / "report.json").read_text())
     assert report["images"] == 24 and report["patients"] == 12
     assert store.fingerprint == report["fingerprint"]
+    assert store.meta["versions"]["pydicom"] and store.meta["prepare_config"]["image_size"] == 64
     assert (tmp_path / "store" / "report.md").read_text().startswith("# Prepared store")
 
 

@@ -468,6 +468,29 @@ def _run_chunks(
     bar.close()
 
 
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that decode and resize images (they decide the stored pixels)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"spcxr": __version__, "python": platform.python_version()}
+    for package in (
+        "numpy",
+        "pillow",
+        "pydicom",
+        "pylibjpeg",
+        "pylibjpeg-openjpeg",
+        "pylibjpeg-libjpeg",
+        "tifffile",
+        "imagehash",
+    ):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
 def finalize(root: Path, config: PrepareConfig) -> dict[str, Any]:
     """Merge shards, deduplicate, group, split, check leakage, write manifest and report."""
     shards = root / "shards"
@@ -510,6 +533,7 @@ def finalize(root: Path, config: PrepareConfig) -> dict[str, Any]:
     report = build_report(manifest, errors, dup_table, dedup_notes + split_notes, meta, config)
     meta["fingerprint"] = fingerprint_manifest(manifest, int(meta["image_size"]))
     meta["prepare_config"] = json.loads(json.dumps(asdict(config), default=str))
+    meta["versions"] = library_versions()
     atomic_write_text(root / "store.json", json.dumps(meta, indent=2, default=str))
     atomic_write_text(root / "report.json", json.dumps(report, indent=2, default=str))
     atomic_write_text(root / "report.md", render_report(report))
