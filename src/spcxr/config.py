@@ -97,7 +97,11 @@ def add_arguments(
     for dotted, f, tp, help_text in _walk(cls):
         base, _ = _unwrap_optional(tp)
         origin = typing.get_origin(base)
-        kwargs: dict[str, Any] = {"dest": _dest(dotted), "default": argparse.SUPPRESS}
+        kwargs: dict[str, Any] = {
+            "dest": _dest(dotted),
+            "default": argparse.SUPPRESS,
+            "metavar": dotted.rsplit(".", 1)[-1].upper(),
+        }
         default = (
             f.default
             if f.default is not dataclasses.MISSING
@@ -106,6 +110,7 @@ def add_arguments(
         kwargs["help"] = f"{help_text} (default: {default})" if help_text else f"default: {default}"
         if dotted in positional:
             kwargs.pop("dest")
+            kwargs.pop("metavar")
             parser.add_argument(
                 _dest(dotted),
                 metavar=positional[dotted],
@@ -116,6 +121,7 @@ def add_arguments(
             continue
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs.pop("metavar")
         elif origin in (tuple, list):
             args = typing.get_args(base)
             item = args[0] if args else str
