@@ -70,6 +70,8 @@ class EpochBatchSampler(Sampler[list[int]]):
         start_step: first global step to yield (resumption mid-epoch).
         total_steps: stop after this global step (``None``: one pass from ``start_step``'s epoch
             to its end, then continue with the following epochs forever).
+        steps_per_epoch: global batches per epoch (default: as many whole batches as fit; a
+            caller accumulating gradients passes whole optimisation steps' worth).
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         start_step: int = 0,
         total_steps: int | None = None,
+        steps_per_epoch: int | None = None,
     ) -> None:
         if global_batch % world_size:
             raise ValueError(
@@ -98,7 +101,8 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.start_step = start_step
         self.total_steps = total_steps
-        self.steps_per_epoch = len(self.indices) // global_batch  # drop the last partial batch
+        # Drop the last partial batch.
+        self.steps_per_epoch = steps_per_epoch or len(self.indices) // global_batch
         self._order: tuple[int, np.ndarray] | None = None
 
     def global_rows(self, step: int) -> np.ndarray:

@@ -42,10 +42,21 @@ from spcxr.data.store import (
     fingerprint_manifest,
 )
 from spcxr.io import DicomOptions, ImageReadError, read_image, read_mask
+from spcxr.versions import library_versions
 
 log = logging.getLogger(__name__)
 
 ERROR_COLUMNS = ["path", "source", "stage", "reason"]
+DECODING_PACKAGES = (
+    "numpy",
+    "pillow",
+    "pydicom",
+    "pylibjpeg",
+    "pylibjpeg-openjpeg",
+    "pylibjpeg-libjpeg",
+    "tifffile",
+    "imagehash",
+)
 
 
 @dataclass
@@ -468,29 +479,6 @@ def _run_chunks(
     bar.close()
 
 
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that decode and resize images (they decide the stored pixels)."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"spcxr": __version__, "python": platform.python_version()}
-    for package in (
-        "numpy",
-        "pillow",
-        "pydicom",
-        "pylibjpeg",
-        "pylibjpeg-openjpeg",
-        "pylibjpeg-libjpeg",
-        "tifffile",
-        "imagehash",
-    ):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            out[package] = "not installed"
-    return out
-
-
 def finalize(root: Path, config: PrepareConfig) -> dict[str, Any]:
     """Merge shards, deduplicate, group, split, check leakage, write manifest and report."""
     shards = root / "shards"
@@ -531,9 +519,10 @@ def finalize(root: Path, config: PrepareConfig) -> dict[str, Any]:
     dup_table = _describe_pairs(pairs, manifest)
     atomic_write_text(root / "duplicates.csv", dup_table.to_csv(index=False))
     report = build_report(manifest, errors, dup_table, dedup_notes + split_notes, meta, config)
-    meta["fingerprint"] = fingerprint_manifest(manifest, int(meta["image_size"]))
+    meta["fingerprint"] = report["fingerprint"]
     meta["prepare_config"] = json.loads(json.dumps(asdict(config), default=str))
-    meta["versions"] = library_versions()
+    # The libraries that decode and resize images decide the stored pixels.
+    meta["versions"] = library_versions(*DECODING_PACKAGES)
     atomic_write_text(root / "store.json", json.dumps(meta, indent=2, default=str))
     atomic_write_text(root / "report.json", json.dumps(report, indent=2, default=str))
     atomic_write_text(root / "report.md", render_report(report))

@@ -31,7 +31,6 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from spcxr import __version__
 from spcxr.atomic import atomic_write_text
 from spcxr.config import save_yaml, to_dict
 from spcxr.data.augment import AugmentConfig, eval_transform, make_views
@@ -44,6 +43,7 @@ from spcxr.train import distributed
 from spcxr.train.checkpoint import load_checkpoint, save_checkpoint
 from spcxr.train.logging import RunLogger
 from spcxr.train.schedule import cosine_schedule
+from spcxr.versions import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -163,17 +163,10 @@ class PretrainResult:
 
 
 def versions() -> dict[str, str]:
-    """Versions that matter for reproducing a run."""
-    import timm
-
-    info = {
-        "spcxr": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-    }
+    """Versions that matter for reproducing a run (and the GPU, when there is one)."""
+    info = library_versions("timm", "numpy")
+    info["torch"] = torch.__version__  # with its build tag (e.g. +cu130): the CUDA build matters
+    info["platform"] = platform.platform()
     if torch.cuda.is_available():
         info["cuda"] = str(torch.version.cuda)
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -318,7 +311,7 @@ class Pretrainer:
         lr, wd = self.lr_wd(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-            if group["weight_decay"] > 0 or group.get("name") == "decay":
+            if group["name"] == "decay":
                 group["weight_decay"] = wd
         return lr, wd
 
@@ -334,9 +327,13 @@ class Pretrainer:
             device=self.device,
         )
         views, image_ids = make_views(images_u8, self.config.augment, rnd)
-        if self.config.model.in_chans > 1:
-            views = views.expand(-1, self.config.model.in_chans, -1, -1).contiguous()
+        views = self._model_channels(views)
         return views, corrupt(views, image_ids, self.config.masking, rnd)
+
+    def _model_channels(self, views: Tensor) -> Tensor:
+        """Gray views repeated to the model's input channels (a 3-channel backbone)."""
+        chans = self.config.model.in_chans
+        return views if chans == 1 else views.expand(-1, chans, -1, -1).contiguous()
 
     def train_step(self, batches: list[Tensor]) -> tuple[Tensor, Tensor]:
         """One optimisation step over ``accum_steps`` micro-batches; returns (loss, grad norm)."""
@@ -365,13 +362,8 @@ class Pretrainer:
                 loss.backward()
             total_sum += loss_sum.detach()
             total_count += count.detach()
-        clip = config.optim.clip_grad
-        if clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        else:
-            grad_norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])
-            )
+        clip = config.optim.clip_grad if config.optim.clip_grad > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         sums = distributed.all_reduce_sum(torch.stack([total_sum, total_count]))
@@ -392,8 +384,8 @@ class Pretrainer:
             seed=config.seed,
             start_step=self.step * config.accum_steps,
             total_steps=self.total_steps * config.accum_steps,
+            steps_per_epoch=self.steps_per_epoch * config.accum_steps,  # whole optimisation steps
         )
-        sampler.steps_per_epoch = self.steps_per_epoch * config.accum_steps  # whole steps per epoch
         loader = make_loader(
             StoreBatches(self.store), sampler, workers=config.workers, pin_memory=self.amp
         )
@@ -516,9 +508,9 @@ class Pretrainer:
         images = torch.from_numpy(self.store.images(rows)).unsqueeze(1).to(self.device)
         # Whole images (deterministic resize, no crop) so the anatomy is recognisable, and
         # fixed corruptions (step -1), so previews of successive epochs are comparable.
-        views = eval_transform(images, self.config.model.img_size, self.config.augment)
-        if self.config.model.in_chans > 1:
-            views = views.expand(-1, self.config.model.in_chans, -1, -1).contiguous()
+        views = self._model_channels(
+            eval_transform(images, self.config.model.img_size, self.config.augment)
+        )
         rnd = BatchRandom.local(self.config.seed, -1, n, self.device)
         corrupted = corrupt(views, torch.arange(n, device=self.device), self.config.masking, rnd)
         was_training = self.model.training
