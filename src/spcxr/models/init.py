@@ -1,0 +1,432 @@
+"""Where a downstream model's encoder comes from: random weights or a pretrained source.
+
+``load_init(init, ...)`` turns the ``--init`` setting of ``spcxr finetune`` / ``spcxr segment``
+into a timm ViT encoder plus a record of its origin:
+
+* ``"scratch"``: a randomly initialised encoder (the paper's "supervised transformer" baseline);
+  the draw follows the caller's torch seed.
+* a GMML pretraining run folder (``run.json`` + ``encoder/`` or ``checkpoint.pt``): its exported
+  ``encoder/`` when present, else the ``encoder.*`` tensors of ``checkpoint.pt`` (read with
+  ``weights_only=True``, so an interrupted run can be used as well).
+* an exported encoder (a folder or ``.safetensors`` file written by ``save_encoder``).
+* a fine-tuned model folder (``model.json`` + ``model.safetensors``, written by
+  ``save_classifier`` / ``save_segmenter``), or a run folder holding one as ``model/``: its
+  encoder, e.g. to segment with an encoder that was fine-tuned for classification.
+
+A pretraining run's ``checkpoint.pt`` may also be named directly; it is then used even when the
+run has an exported ``encoder/``.
+
+The whole encoder comes along, including the CLS token and the position embedding. Both are
+learned inputs of the pretrained blocks: the CLS token takes part in every attention layer (in
+GMML its output is not reconstructed, but the patch tokens attend to it, so the blocks were
+trained with exactly this token present), and the position embedding is what tells the blocks
+where each patch lies; re-initialising either would hand the pretrained attention inputs it has
+never seen. When the image size differs from the source, the position embedding is resampled
+bicubically over the patch grid (timm's ``resample_abs_pos_embed``, the rule of DeiT / timm for
+fine-tuning at another resolution) instead of being re-initialised.
+
+The module also defines the fine-tuned model folder format (``model.safetensors`` holding the full
+model state + ``model.json``), shared by the classifier and the segmenter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from spcxr.atomic import atomic_path, atomic_write_text
+from spcxr.models.vit import (
+    convert_in_chans,
+    create_encoder,
+    load_encoder,
+    read_encoder_config,
+)
+from spcxr.train.checkpoint import load_checkpoint
+
+__all__ = [
+    "MODEL_META",
+    "MODEL_WEIGHTS",
+    "encoder_shape",
+    "file_sha256",
+    "load_exact",
+    "load_init",
+    "read_model_dir",
+    "write_model_dir",
+]
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_META = "model.json"
+MODEL_FORMAT = "spcxr-model"
+_PRETRAIN_FORMAT = "spcxr-pretrain-checkpoint"
+_ENCODER_PREFIX = "encoder."
+
+
+# ------------------------------------------------------------------------------------------------
+# fine-tuned model folders
+
+
+def file_sha256(path: str | os.PathLike[str], n_hex: int = 16) -> str:
+    """The first ``n_hex`` hex digits of the SHA-256 of a file (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:n_hex]
+
+
+def write_model_dir(
+    model: nn.Module, folder: str | os.PathLike[str], meta: Mapping[str, Any]
+) -> Path:
+    """Writes ``folder/model.safetensors`` (the full state dict) and ``folder/model.json``.
+
+    Both files are written atomically; ``model.json`` gets ``format``, ``format_version`` and the
+    weights' ``weights_sha256`` on top of ``meta``.
+
+    Args:
+        model: the module whose ``state_dict()`` is saved (tensors copied to the CPU).
+        folder: the output folder (created).
+        meta: JSON-serialisable description (config, class names, normalisation, ...).
+
+    Returns:
+        The folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(folder / MODEL_WEIGHTS) as tmp:
+        safetensors.torch.save_file(state, tmp, {"format": "pt"})
+    record = {"format": MODEL_FORMAT, "format_version": 1, **meta}
+    record["weights_sha256"] = file_sha256(folder / MODEL_WEIGHTS)
+    try:
+        text = json.dumps(record, indent=2)
+    except TypeError as err:
+        raise ValueError(
+            f"{folder / MODEL_META}: metadata is not JSON serialisable ({err})"
+        ) from err
+    atomic_write_text(folder / MODEL_META, text)
+    return folder
+
+
+def read_model_dir(folder: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Reads a folder written by :func:`write_model_dir` (safetensors + JSON: nothing unpickled).
+
+    Returns:
+        ``(state dict on the CPU, model.json contents)``.
+
+    Raises:
+        FileNotFoundError: a file is missing. ValueError: unreadable or not an spcxr model folder.
+    """
+    folder = Path(folder)
+    meta_path, weights_path = folder / MODEL_META, folder / MODEL_WEIGHTS
+    for path in (meta_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file (not a fine-tuned spcxr model folder)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{meta_path}: not valid JSON ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{meta_path}: not an spcxr model description (format != {MODEL_FORMAT})")
+    try:
+        state = safetensors.torch.load_file(str(weights_path), device="cpu")
+    except (safetensors.SafetensorError, OSError) as err:
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({err})") from err
+    return state, meta
+
+
+def load_exact(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> nn.Module:
+    """Loads ``state`` strictly into ``model`` built (at least partly) on the meta device.
+
+    ``assign=True`` makes the loaded tensors the model's parameters and buffers, so an encoder
+    built with ``device="meta"`` costs no random initialisation.
+
+    Raises:
+        ValueError: missing, unexpected or misshapen tensors, or a tensor left on the meta device.
+    """
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not fit the recorded config: {err}") from err
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"{path}: no tensors for {left}")
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# encoders
+
+
+def encoder_shape(encoder: VisionTransformer) -> dict[str, int]:
+    """What must agree between a source encoder and the requested one (img size may differ)."""
+    return {
+        "embed_dim": int(encoder.embed_dim),
+        "depth": len(encoder.blocks),
+        "num_heads": int(encoder.blocks[0].attn.num_heads),
+        "patch_size": int(encoder.patch_embed.patch_size[0]),
+    }
+
+
+def _check_shape(found: VisionTransformer, wanted: VisionTransformer, source: Path, arch: str):
+    have, want = encoder_shape(found), encoder_shape(wanted)
+    if have != want:
+        diff = {k: (have[k], want[k]) for k in have if have[k] != want[k]}
+        raise ValueError(
+            f"{source}: the encoder there does not fit the requested arch {arch!r} / patch size "
+            f"{want['patch_size']} (source value, requested value): {diff}; "
+            f"source encoder: {have}"
+        )
+
+
+def _fit_state(
+    state: Mapping[str, torch.Tensor], target: VisionTransformer, source_img: tuple[int, int]
+) -> dict[str, torch.Tensor]:
+    """Adapts an encoder state dict to ``target``: input channels and position-embedding grid.
+
+    The same adaptations ``load_encoder`` applies to exported files (``convert_in_chans`` and
+    ``resample_abs_pos_embed`` with timm's defaults: bicubic, antialiased, prefix tokens kept).
+    """
+    state = dict(state)
+    patch_weight = state["patch_embed.proj.weight"]
+    if patch_weight.shape[1] != target.patch_embed.proj.in_channels:
+        state = convert_in_chans(state, target.patch_embed.proj.in_channels)
+    patch = patch_weight.shape[-2:]
+    old_grid = [side // p for side, p in zip(source_img, patch, strict=True)]
+    if "pos_embed" in state and list(target.patch_embed.grid_size) != old_grid:
+        state["pos_embed"] = resample_abs_pos_embed(
+            state["pos_embed"],
+            new_size=list(target.patch_embed.grid_size),
+            old_size=old_grid,
+            num_prefix_tokens=0 if target.no_embed_class else target.num_prefix_tokens,
+        )
+    return state
+
+
+def _encoder_from_state(
+    state: Mapping[str, torch.Tensor],
+    source: Mapping[str, Any],
+    target_args: Mapping[str, Any],
+    path: Path,
+) -> VisionTransformer:
+    """The requested encoder holding the ``encoder.*`` tensors of a model state (checked, strict)."""
+    encoder_state = {
+        k[len(_ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(_ENCODER_PREFIX)
+    }
+    if not encoder_state:
+        raise ValueError(f"{path}: holds no 'encoder.*' tensors")
+    source_img = _pair(source["img_size"])
+    # Both architectures are built on the meta device (no memory, no random init): the source to
+    # compare shapes, the target to receive the loaded tensors (``assign=True``).
+    shell = create_encoder(
+        source["arch"],
+        img_size=source_img,
+        patch_size=int(source["patch_size"]),
+        in_chans=int(source.get("in_chans", 1)),
+        device="meta",
+    )
+    target = create_encoder(**target_args, device="meta")
+    _check_shape(shell, target, path, str(target_args["arch"]))
+    load_exact(target, _fit_state(encoder_state, target, source_img), path)
+    return target
+
+
+def _pair(size: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not readable JSON ({err})") from err
+
+
+def _pretrain_record(run: Path) -> dict[str, Any]:
+    """What a GMML run's run.json says about the images and schedule pretraining used."""
+    info = _read_json(run / "run.json")
+    data = info.get("data", {})
+    steps, per_epoch = info.get("steps"), info.get("steps_per_epoch")
+    record = {
+        "run": str(run.resolve()),
+        "steps": steps,
+        "steps_per_epoch": per_epoch,
+        "epochs": round(steps / per_epoch, 3) if steps and per_epoch else None,
+        "seed": info.get("seed"),
+        "started": info.get("started"),
+        "store": data.get("store"),
+        "store_fingerprint": data.get("store_fingerprint"),
+        "splits": data.get("splits"),
+        "sources": data.get("sources"),
+        "images": data.get("images"),
+        "patients": data.get("patients"),
+    }
+    return record
+
+
+def _load_gmml(
+    run: Path, target_args: dict[str, Any], from_checkpoint: bool = False
+) -> tuple[VisionTransformer, dict]:
+    """Encoder of a GMML run folder: ``encoder/`` if exported, else ``checkpoint.pt``."""
+    exported = run / "encoder" / "model.safetensors"
+    if exported.is_file() and not from_checkpoint:
+        encoder = _load_exported(exported, target_args)
+        return encoder, {"path": str(exported), "source_run": _export_record(exported)}
+    ckpt = run / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(
+            f"{run}: a pretraining run folder without encoder/ or checkpoint.pt"
+        )
+    state = load_checkpoint(ckpt)  # weights_only=True: no arbitrary unpickling
+    if not isinstance(state, dict) or state.get("format") != _PRETRAIN_FORMAT:
+        raise ValueError(
+            f"{ckpt}: not a GMML pretraining checkpoint (format != {_PRETRAIN_FORMAT})"
+        )
+    source = state["config"]["model"]
+    encoder = _encoder_from_state(state["model"], source, target_args, ckpt)
+    record = _pretrain_record(run)
+    record["steps_done"] = int(state["step"])
+    return encoder, {"path": str(ckpt), "source_run": record}
+
+
+def _export_record(weights: Path) -> dict[str, Any] | None:
+    """What is known about an exported encoder's training.
+
+    An ``encoder/`` folder inside a GMML run: the run's record (``steps_done`` from the export).
+    Elsewhere: the ``extra_config`` stored in the file's header, if any.
+    """
+    extra = read_encoder_config(weights)["spcxr"].get("extra", {})
+    run = weights.parent.parent
+    if weights.name == "model.safetensors" and (run / "run.json").is_file():
+        record = _pretrain_record(run)
+        record["steps_done"] = extra.get("spcxr", {}).get("step")
+        return record
+    return extra or None
+
+
+def _load_exported(path: Path, target_args: dict[str, Any]) -> VisionTransformer:
+    """An encoder written by ``save_encoder``, resampled to the requested size and checked."""
+    encoder = load_encoder(
+        path,
+        in_chans=target_args["in_chans"],
+        img_size=target_args["img_size"],
+        drop_path_rate=target_args["drop_path_rate"],
+    )
+    _check_shape(
+        encoder, create_encoder(**target_args, device="meta"), path, arch=target_args["arch"]
+    )
+    return encoder
+
+
+def _load_finetuned(folder: Path, target_args: dict[str, Any]) -> tuple[VisionTransformer, dict]:
+    state, meta = read_model_dir(folder)
+    config = meta.get("config", {})
+    missing = [k for k in ("arch", "img_size", "patch_size") if k not in config]
+    if missing:
+        raise ValueError(f"{folder / MODEL_META}: config lacks {missing}")
+    encoder = _encoder_from_state(state, config, target_args, folder / MODEL_WEIGHTS)
+    record = {
+        "task": meta.get("task"),
+        "config": config,
+        "extra": meta.get("extra", {}),
+    }
+    return encoder, {"path": str(folder / MODEL_WEIGHTS), "source_run": record}
+
+
+def load_init(
+    init: str,
+    *,
+    arch: str,
+    img_size: int,
+    patch_size: int,
+    in_chans: int = 1,
+    drop_path_rate: float = 0.1,
+) -> tuple[VisionTransformer, dict[str, Any]]:
+    """An encoder for fine-tuning: random (``"scratch"``) or from a pretrained source.
+
+    See the module docstring for the sources that are recognised and why the CLS token and the
+    position embedding are carried over.
+
+    Args:
+        init: ``"scratch"``, a GMML run folder (or its ``checkpoint.pt``), an exported encoder
+            (folder or ``.safetensors``) or a fine-tuned model folder (``model.json`` +
+            ``model.safetensors``, or a run folder with one in ``model/``).
+        arch: the requested architecture (``"vit_small"`` ...); the source must have the same
+            width, depth, heads and patch size.
+        img_size: input side of the returned encoder; the position embedding is resampled when
+            the source was trained at another size.
+        patch_size: patch side; must equal the source's.
+        in_chans: input channels (a source with another count is adapted as timm does).
+        drop_path_rate: stochastic depth of the returned encoder.
+
+    Returns:
+        ``(encoder, info)`` with ``info = {"init": "scratch" | "gmml" | "encoder" | "finetuned",
+        "path", "weights_sha256" (first 16 hex digits of the weights file's SHA-256), "source_run"}``.
+        ``source_run`` holds what the source records about its training: for a GMML run, its
+        store, store fingerprint, splits, sources, image and patient counts, planned ``steps``,
+        ``epochs`` and ``steps_done``. For ``"scratch"``, ``path`` / ``weights_sha256`` /
+        ``source_run`` are ``None``.
+
+    Raises:
+        FileNotFoundError: ``init`` is not ``"scratch"`` and no such path exists.
+        ValueError: an unrecognised folder or file, or a source whose architecture or patch size
+            differs from the requested one (the message names the file and both values).
+    """
+    target_args = dict(
+        arch=arch,
+        img_size=img_size,
+        patch_size=patch_size,
+        in_chans=in_chans,
+        drop_path_rate=drop_path_rate,
+    )
+    if init == "scratch":
+        info = {"init": "scratch", "path": None, "weights_sha256": None, "source_run": None}
+        return create_encoder(**target_args), info
+    path = Path(init)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: no such file or folder (--init takes 'scratch' or a path)"
+        )
+    if path.is_file() and path.suffix == ".safetensors" and (path.parent / MODEL_META).is_file():
+        path = path.parent  # model.safetensors of a fine-tuned model folder
+    if path.is_dir() and (path / "model" / MODEL_META).is_file():
+        path = path / "model"  # a fine-tuning run folder: its best model
+    if path.is_dir() and (path / MODEL_META).is_file():
+        kind = "finetuned"
+        encoder, found = _load_finetuned(path, target_args)
+    elif path.is_dir() and (path / "run.json").is_file():
+        kind = "gmml"
+        encoder, found = _load_gmml(path, target_args)
+    elif path.name == "checkpoint.pt" and (path.parent / "run.json").is_file():
+        kind = "gmml"  # named explicitly: the checkpoint even when encoder/ exists
+        encoder, found = _load_gmml(path.parent, target_args, from_checkpoint=True)
+    elif (
+        path.is_dir() and (path / "model.safetensors").is_file()
+    ) or path.suffix == ".safetensors":
+        kind = "encoder"
+        weights = path / "model.safetensors" if path.is_dir() else path
+        encoder = _load_exported(weights, target_args)
+        found = {"path": str(weights), "source_run": _export_record(weights)}
+    else:
+        raise ValueError(
+            f"{path}: not an init source: expected a GMML run folder (run.json + encoder/ or "
+            f"checkpoint.pt), an exported encoder (.safetensors or a folder with "
+            f"model.safetensors) or a fine-tuned model folder ({MODEL_META} + {MODEL_WEIGHTS})"
+        )
+    info = {
+        "init": kind,
+        "path": str(Path(found["path"]).resolve()),
+        "weights_sha256": file_sha256(found["path"]),
+        "source_run": found["source_run"],
+    }
+    return encoder, info
