@@ -9,6 +9,18 @@ import pytest
 from spcxr.paths import ENV_VAR, shared_data_dir
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread per test process: on a shared 2-core machine, two OpenMP threads
+    fighting other processes make small models several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The shared real chest X-ray folder; skips the test when it is absent."""
@@ -51,6 +63,26 @@ def tiny_store(tmp_path_factory) -> Path:
             sources=[f"folder:{root / 'images'}"],
             out=str(root / "store"),
             image_size=40,
+            workers=1,
+            progress=False,
+        )
+    )
+    return root / "store"
+
+
+@pytest.fixture(scope="session")
+def synth_store(tmp_path_factory) -> Path:
+    """A store of the synthetic phantom set: 3 labels, 3 sites, lung masks; 64 px."""
+    from spcxr.data.prepare import PrepareConfig, prepare
+    from spcxr.data.synthetic import SyntheticConfig, write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synth")
+    write_synthetic_dataset(root / "synthetic", SyntheticConfig(n_patients=40, size=96, seed=3))
+    prepare(
+        PrepareConfig(
+            sources=[f"synthetic=csv:{root / 'synthetic'}"],
+            out=str(root / "store"),
+            image_size=64,
             workers=1,
             progress=False,
         )

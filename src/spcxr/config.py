@@ -114,7 +114,7 @@ def add_arguments(
             parser.add_argument(
                 _dest(dotted),
                 metavar=positional[dotted],
-                nargs="*",
+                nargs="*" if origin in (tuple, list) else "?",
                 default=argparse.SUPPRESS,
                 help=kwargs["help"],
             )

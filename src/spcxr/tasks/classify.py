@@ -1,0 +1,427 @@
+"""``spcxr finetune``: classification from a GMML-pretrained encoder or from scratch.
+
+The paper's claim is comparative (Anwar et al., arXiv 2211.12944): a GMML-pretrained ViT beats
+the same ViT trained from random initialisation (the "supervised transformer"). The two runs here
+differ only in ``--init``: data, label budget, recipe, seed and model selection are the same.
+
+Rows: the training split of the selected sources (optionally a label budget drawn by patient,
+:mod:`spcxr.data.budget`, or all folds but one for k-fold cross-validation); model selection on
+the validation split (or, in k-fold mode, on the last step: the held-out fold is the evaluation
+set and is never looked at while training).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spcxr.atomic import atomic_write_text
+from spcxr.config import save_yaml, to_dict
+from spcxr.data.augment import AugmentConfig, eval_transform
+from spcxr.data.budget import kfold_groups, parse_budget, select_budget
+from spcxr.data.finetune_augment import FinetuneAugmentConfig, augment_batch
+from spcxr.data.store import PreparedStore
+from spcxr.models.classifier import (
+    Classifier,
+    ClassifierConfig,
+    build_classifier,
+    load_classifier,
+    save_classifier,
+)
+from spcxr.pretrain.rng import derive_seed
+from spcxr.tasks.labels import LabelConfig, resolve_classes, targets, usable
+from spcxr.tasks.loop import (
+    StepBatches,
+    TrainConfig,
+    class_weights,
+    fit,
+    preprocessing_record,
+    resolve_device,
+)
+from spcxr.versions import library_versions
+
+log = logging.getLogger(__name__)
+
+NORM = AugmentConfig()  # spcxr's intensity normalisation (mean 0.5, std 0.25), as in pretraining
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of ``spcxr finetune`` (every field is a CLI flag and a YAML key).
+
+    Attributes:
+        store: the prepared store.
+        out: the run folder.
+        init: ``scratch`` (the paper's supervised-transformer baseline), a GMML pretraining run
+            folder, an exported encoder (folder or .safetensors) or a fine-tuned run folder.
+        sources: train and validate on these sources only (empty: all).
+        sites: train and validate on these sites (hospitals) only (empty: all).
+        train_split: split the training rows come from.
+        val_split: split used for model selection and early stopping.
+        budget: label budget: ``all``, a fraction (``0.1``, ``10%``), ``N/class`` or ``N``
+            images, drawn by whole patients, stratified, nested across sizes for one seed.
+        budget_seed: seed of the budget draw (vary it for repeated draws).
+        n_folds: k-fold cross-validation over the labelled rows of ``cv_splits`` (0: off).
+        fold: the held-out fold of this run (0 .. n_folds-1) when ``n_folds`` > 0.
+        cv_splits: splits pooled for k-fold cross-validation (small sets: all of them).
+        mode: ``finetune`` (all weights) or ``linear`` (linear probing: frozen encoder).
+        balance: class imbalance handling: ``weighted_loss`` (inverse frequency),
+            ``sampler`` (class-balanced batches) or ``none``.
+        label_smoothing: label smoothing of the cross-entropy (DeiT: 0.1).
+        select: validation metric for model selection (``auto``: macro AUROC, ``loss``,
+            ``balanced_accuracy``, ...).
+        labels: which targets to learn.
+        model: classifier architecture (must match the initialisation's encoder).
+        augment: fine-tuning augmentation (batched, on the device).
+        train: schedule, batching, optimiser, seed, device.
+    """
+
+    store: str = ""
+    out: str = "runs/finetune"
+    init: str = "scratch"
+    sources: list[str] = field(default_factory=list)
+    sites: list[str] = field(default_factory=list)
+    train_split: str = "train"
+    val_split: str = "val"
+    budget: str = "all"
+    budget_seed: int = 0
+    n_folds: int = 0
+    fold: int = 0
+    cv_splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
+    mode: str = "finetune"
+    balance: str = "weighted_loss"
+    label_smoothing: float = 0.1
+    select: str = "auto"
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)
+    augment: FinetuneAugmentConfig = field(default_factory=FinetuneAugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("finetune", "linear"):
+            raise ValueError(f"mode must be 'finetune' or 'linear', not {self.mode!r}")
+        if self.balance not in ("weighted_loss", "sampler", "none"):
+            raise ValueError(
+                f"balance must be weighted_loss, sampler or none, not {self.balance!r}"
+            )
+
+
+@dataclass
+class TaskRows:
+    """The rows a run trains, selects and (for k-fold) holds out, with their targets."""
+
+    classes: list[str]
+    train: np.ndarray
+    val: np.ndarray
+    heldout: np.ndarray
+    y_train: np.ndarray
+    y_val: np.ndarray
+    excluded: dict[str, int]
+
+
+def select_rows(store: PreparedStore, config: FinetuneConfig) -> TaskRows:
+    """Training / validation / held-out rows of a run (see :class:`FinetuneConfig`)."""
+    m = store.manifest
+    sources = config.sources or None
+    labels = config.labels
+    excluded: dict[str, int] = {}
+
+    def labelled(rows: np.ndarray, classes: list[str], what: str) -> np.ndarray:
+        if config.sites:
+            rows = rows[m["site"].iloc[rows].isin(config.sites).to_numpy()]
+        y = targets(m, rows, labels, classes)
+        keep = usable(y)
+        if (~keep).any():
+            excluded[what] = int((~keep).sum())
+        return rows[keep]
+
+    if config.n_folds:
+        if not 0 <= config.fold < config.n_folds:
+            raise ValueError(f"fold {config.fold} is not in 0..{config.n_folds - 1}")
+        pool = store.indices(config.cv_splits, source=sources)
+        classes = resolve_classes(m, pool, labels)
+        pool = labelled(pool, classes, "cv pool (missing or other label)")
+        frame = m.iloc[pool].assign(_y=targets(m, pool, labels, classes).astype(str))
+        folds = kfold_groups(frame, config.n_folds, seed=config.budget_seed, label_col="_y")
+        heldout = pool[folds == config.fold]
+        train = pool[folds != config.fold]
+        val = np.array([], dtype=np.int64)
+    else:
+        train = store.indices(config.train_split, source=sources)
+        if config.sites:
+            train = train[m["site"].iloc[train].isin(config.sites).to_numpy()]
+        classes = resolve_classes(m, train, labels)
+        train = labelled(train, classes, "train (missing or other label)")
+        val = labelled(
+            store.indices(config.val_split, source=sources), classes, "val (missing or other label)"
+        )
+        heldout = np.array([], dtype=np.int64)
+    if len(train) == 0:
+        raise ValueError(
+            f"no training rows with a kept label in {config.store} (sources {config.sources or 'all'}, "
+            f"split {config.train_split!r}, classes {classes}): check --sources and --labels-*"
+        )
+    budget = parse_budget(config.budget)
+    if not labels.multilabel:
+        frame = m.iloc[train].assign(_y=targets(m, train, labels, classes).astype(str))
+        train = train[select_budget(frame, budget, seed=config.budget_seed, label_col="_y")]
+    elif str(budget) != "all":
+        raise ValueError("label budgets are implemented for single-label tasks only")
+    return TaskRows(
+        classes=classes,
+        train=train,
+        val=val,
+        heldout=heldout,
+        y_train=targets(m, train, labels, classes),
+        y_val=targets(m, val, labels, classes),
+        excluded=excluded,
+    )
+
+
+def prepare_inputs(images_u8: torch.Tensor, img_size: int, in_chans: int) -> torch.Tensor:
+    """uint8 store images ``[B,1,S,S]`` -> normalised model input (whole image, resized)."""
+    x = eval_transform(images_u8, img_size, NORM)
+    return x if in_chans == 1 else x.expand(-1, in_chans, -1, -1)
+
+
+@torch.no_grad()
+def predict_store(
+    model: Classifier,
+    store: PreparedStore,
+    rows: np.ndarray,
+    *,
+    img_size: int,
+    in_chans: int,
+    multilabel: bool,
+    device: torch.device,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Class probabilities of ``rows`` (softmax, or sigmoid per finding)."""
+    model.eval()
+    out = []
+    amp = device.type == "cuda"
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        images = torch.from_numpy(store.images(chunk)).unsqueeze(1).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(prepare_inputs(images, img_size, in_chans)).float()
+        out.append((torch.sigmoid(logits) if multilabel else logits.softmax(-1)).cpu())
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
+    return torch.cat(out).numpy()
+
+
+def rows_digest(store: PreparedStore, rows: np.ndarray) -> str:
+    """A fingerprint of exactly which images a set of rows is (their pixel hashes)."""
+    h = hashlib.blake2b(digest_size=12)
+    for value in store.manifest["pixel_hash"].iloc[np.sort(rows)].astype(str):
+        h.update(value.encode())
+    return h.hexdigest()
+
+
+def describe_rows(store: PreparedStore, rows: np.ndarray, y: np.ndarray, classes: list[str]):
+    """Counts for reports: images, patients, per class, per source."""
+    m = store.manifest.iloc[rows]
+    info: dict[str, Any] = {
+        "images": len(rows),
+        "patients": int(m["group"].nunique()),
+        "sources": {k: int(v) for k, v in m["source"].value_counts().items()},
+        "sites": {str(k): int(v) for k, v in m["site"].value_counts().items()},
+        "digest": rows_digest(store, rows),
+    }
+    if y.ndim == 1:
+        info["per_class"] = {c: int((y == i).sum()) for i, c in enumerate(classes)}
+    else:
+        info["positives"] = {c: int(np.nansum(y[:, i])) for i, c in enumerate(classes)}
+    return info
+
+
+def finetune(config: FinetuneConfig) -> dict[str, Any]:
+    """Train a classifier (see :class:`FinetuneConfig`); returns the run summary."""
+    if not config.store:
+        raise ValueError("finetune: --store is required (a folder written by `spcxr prepare`)")
+    run_dir = Path(config.out)
+    device = resolve_device(config.train.device)
+    store = PreparedStore(config.store)
+    rows = select_rows(store, config)
+    multilabel = config.labels.multilabel
+    k = len(rows.classes)
+    if not config.n_folds and len(rows.val) == 0:
+        raise ValueError(
+            f"no validation rows in split {config.val_split!r}: model selection needs them"
+        )
+
+    torch.manual_seed(derive_seed(config.train.seed, "init"))
+    model, init_info = build_classifier(config.model, k, config.init)
+    if config.mode == "linear":
+        model.freeze_encoder()
+    model.to(device)
+    img, chans = config.model.img_size, config.model.in_chans
+
+    y_train_t = torch.as_tensor(rows.y_train)
+    pos_of = {int(r): i for i, r in enumerate(rows.train)}
+    weights = None
+    loss_weight = None
+    if not multilabel:
+        cw = class_weights(rows.y_train, k)
+        if config.balance == "sampler":
+            weights = cw[rows.y_train]
+        elif config.balance == "weighted_loss":
+            loss_weight = torch.as_tensor(cw, dtype=torch.float32, device=device)
+    plan = StepBatches(rows.train, config.train.batch_size, config.train.seed, weights)
+
+    def loss_fn(batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        x = eval_transform(batch["images"], img, NORM)
+        gen = torch.Generator().manual_seed(derive_seed(config.train.seed, "augment", step))
+        x, _ = augment_batch(x, config.augment, gen)
+        if chans != 1:
+            x = x.expand(-1, chans, -1, -1)
+        logits = model(x).float()
+        idx = torch.as_tensor([pos_of[int(r)] for r in batch["rows"].tolist()])
+        y = y_train_t[idx].to(device)
+        if multilabel:
+            known = ~torch.isnan(y)
+            target = torch.nan_to_num(y) * (1 - config.label_smoothing) + config.label_smoothing / 2
+            per = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+            return (per * known).sum() / known.sum().clamp_min(1)
+        return F.cross_entropy(
+            logits, y, weight=loss_weight, label_smoothing=config.label_smoothing
+        )
+
+    select = config.select
+    if select == "auto":
+        select = "macro_auroc"
+    higher = select != "loss"
+    best_dir = run_dir / "model"
+
+    def validate() -> dict[str, float]:
+        eval_rows = rows.val if len(rows.val) else rows.train
+        y_eval = rows.y_val if len(rows.val) else rows.y_train
+        prob = predict_store(
+            model,
+            store,
+            eval_rows,
+            img_size=img,
+            in_chans=chans,
+            multilabel=multilabel,
+            device=device,
+        )
+        return validation_metrics(y_eval, prob, rows.classes, multilabel)
+
+    def save_best() -> None:
+        save_classifier(model, config.model, rows.classes, best_dir, extra=model_extra)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(config, run_dir / "config.yaml")
+    model_extra = {
+        "labels": to_dict(config.labels),
+        "init": init_info,
+        "mode": config.mode,
+        "preprocessing": preprocessing_record(store, img),
+    }
+    data = {
+        "store": str(Path(config.store).resolve()),
+        "store_fingerprint": store.fingerprint,
+        "classes": rows.classes,
+        "train": describe_rows(store, rows.train, rows.y_train, rows.classes),
+        "val": describe_rows(store, rows.val, rows.y_val, rows.classes) if len(rows.val) else None,
+        "budget": config.budget,
+        "excluded": rows.excluded,
+    }
+    if config.n_folds:
+        y_held = targets(store.manifest, rows.heldout, config.labels, rows.classes)
+        data["heldout"] = describe_rows(store, rows.heldout, y_held, rows.classes)
+        data["heldout"]["rows"] = rows.heldout.tolist()
+        data["fold"] = {"n_folds": config.n_folds, "fold": config.fold}
+        log.info("k-fold: no validation split; the last step is kept (no early stopping)")
+        select = "last"
+    info = {
+        "kind": "classification",
+        "seed": config.train.seed,
+        "versions": library_versions(),
+        "device": str(device),
+        "init": init_info,
+        "data": data,
+        "select": select,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
+    pd.DataFrame(
+        {
+            "row": rows.train,
+            "image_path": store.manifest["image_path"].iloc[rows.train].to_numpy(),
+            "patient_group": store.manifest["group"].iloc[rows.train].to_numpy(),
+            "pixel_hash": store.manifest["pixel_hash"].iloc[rows.train].to_numpy(),
+        }
+    ).to_csv(run_dir / "train_rows.csv", index=False)
+
+    result = fit(
+        model=model,
+        store=store,
+        plan=plan,
+        loss_fn=loss_fn,
+        # k-fold: nothing is held out for selection (the held-out fold is the test set).
+        validate=None if config.n_folds else validate,
+        select=select,
+        higher_is_better=higher,
+        save_best=save_best,
+        config=replace(config.train, patience=0) if config.n_folds else config.train,
+        run_dir=run_dir,
+        num_layers=len(model.encoder.blocks),
+        device=device,
+    )
+    info.update(
+        {
+            "steps": result.steps,
+            "best_step": result.best_step,
+            "best_value": result.best_value,
+            "stopped_early": result.stopped_early,
+            "seconds": round(result.seconds, 1),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+    )
+    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
+    return info
+
+
+def validation_metrics(
+    y: np.ndarray, prob: np.ndarray, classes: list[str], multilabel: bool
+) -> dict[str, float]:
+    """Scalars watched during training: loss, macro AUROC, balanced accuracy."""
+    from spcxr.evaluation.metrics import classification_metrics, multilabel_metrics
+
+    p = torch.as_tensor(prob).clamp(1e-7, 1 - 1e-7)
+    if multilabel:
+        yt = torch.as_tensor(y)
+        known = ~torch.isnan(yt)
+        bce = F.binary_cross_entropy(p, torch.nan_to_num(yt), reduction="none")
+        loss = float((bce * known).sum() / known.sum().clamp_min(1))
+        m = multilabel_metrics(y, prob, classes)
+        return {"loss": loss, "macro_auroc": float(m["macro_auroc"])}
+    loss = float(F.nll_loss(p.log(), torch.as_tensor(y)))
+    m = classification_metrics(y, prob, classes)
+    return {
+        "loss": loss,
+        "macro_auroc": float(m["macro_auroc"]),
+        "balanced_accuracy": float(m["balanced_accuracy"]),
+        "accuracy": float(m["accuracy"]),
+    }
+
+
+def load_run_model(run: str | Path, device: torch.device) -> tuple[nn.Module, dict, dict]:
+    """The best model of a fine-tuning run, its model.json and its run.json."""
+    run = Path(run)
+    model, meta = load_classifier(run / "model")
+    info = json.loads((run / "run.json").read_text())
+    return model.to(device).eval(), meta, info

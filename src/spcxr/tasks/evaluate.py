@@ -1,0 +1,404 @@
+"""``spcxr evaluate``: metrics with confidence intervals, drift tables, comparisons, plots.
+
+One or more runs are evaluated on one or more stores. For every run and every test source the
+metrics come with 95% confidence intervals from a bootstrap that resamples *patients* (all images
+of a drawn patient together), so correlated images of one patient do not narrow the interval.
+k-fold runs are evaluated on their own held-out fold; several folds of one setting are summarised
+across folds (Student t interval) and pooled.
+
+Hygiene checks: an evaluation image whose pixels are identical to a training image of the run
+(any source) is excluded and counted; evaluating on the run's own training or validation split is
+allowed only with an explicit warning in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from spcxr.atomic import atomic_write_text
+from spcxr.data.store import PreparedStore
+from spcxr.tasks.labels import LabelConfig, targets, usable
+from spcxr.tasks.loop import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluateConfig:
+    """Settings of ``spcxr evaluate``.
+
+    Attributes:
+        runs: run folders (fine-tuning or segmentation) to evaluate; several give a comparison
+            table, and runs at several label budgets a label-efficiency plot.
+        stores: stores to test on (empty: each run's own store). Several stores or sources give
+            the drift table (train on A, test on A, B, C).
+        split: the split evaluated (``test``); k-fold runs always use their held-out fold.
+        sources: only these test sources (empty: all).
+        group_by: manifest column whose values get one column each in the drift table
+            (``source``, or ``site`` for hospitals within one source).
+        out: the report folder (metrics.json, report.md, plots/, predictions).
+        n_boot: bootstrap replicates (resampling patients).
+        level: confidence level of the intervals.
+        seed: bootstrap seed.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        batch_size: inference batch size.
+        labels: rename labels of the test data (for stores whose vocabulary differs from the
+            training store's); empty: the run's own label settings.
+    """
+
+    runs: list[str] = field(default_factory=list)
+    stores: list[str] = field(default_factory=list)
+    split: str = "test"
+    sources: list[str] = field(default_factory=list)
+    group_by: str = "source"
+    out: str = "report"
+    n_boot: int = 1000
+    level: float = 0.95
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 128
+    labels: list[str] = field(default_factory=list)
+
+
+def _run_name(run: Path) -> str:
+    return run.name
+
+
+def _ci_text(entry: dict[str, float] | None, digits: int = 3) -> str:
+    if not entry or entry.get("value") is None or not np.isfinite(entry["value"]):
+        return "n/a"
+    low, high = entry.get("low"), entry.get("high")
+    if low is None or not np.isfinite(low):
+        return f"{entry['value']:.{digits}f}"
+    return f"{entry['value']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+@dataclass
+class EvalSet:
+    """Test rows of one store/source for one run, with their targets."""
+
+    store: PreparedStore
+    source: str
+    rows: np.ndarray
+    y: np.ndarray
+    excluded: dict[str, int]
+
+
+def _label_config(info: dict, meta: dict, override: list[str]) -> LabelConfig:
+    labels = LabelConfig(**meta["extra"]["labels"])
+    if override:
+        labels.rename = list(labels.rename) + list(override)
+    return labels
+
+
+def eval_sets(run: Path, info: dict, meta: dict, config: EvaluateConfig) -> list[EvalSet]:
+    """The test rows of every store and source for one run.
+
+    Raises:
+        ValueError: no test row is left (the message says how many were excluded and why).
+    """
+    labels = _label_config(info, meta, config.labels)
+    classes = meta["class_names"]
+    train_hashes = set(pd.read_csv(run / "train_rows.csv")["pixel_hash"].astype(str))
+    heldout = info["data"].get("heldout")
+    stores = config.stores or [info["data"]["store"]]
+    sets = []
+    last_excluded: dict[str, int] = {}
+    for store_path in stores:
+        store = PreparedStore(store_path)
+        if heldout is not None and store.fingerprint == info["data"]["store_fingerprint"]:
+            rows = np.asarray(heldout["rows"], dtype=np.int64)
+        else:
+            rows = store.indices(config.split, source=config.sources or None)
+        y = targets(store.manifest, rows, labels, classes)
+        keep = usable(y)
+        excluded = {}
+        if (~keep).any():
+            excluded["missing or other label"] = int((~keep).sum())
+        hashes = store.manifest["pixel_hash"].iloc[rows].astype(str).to_numpy()
+        seen = np.isin(hashes, list(train_hashes))
+        if (seen & keep).any():
+            excluded["identical to a training image"] = int((seen & keep).sum())
+        keep &= ~seen
+        rows, y = rows[keep], y[keep]
+        sources = store.manifest[config.group_by].iloc[rows].astype(str).to_numpy()
+        for source in sorted(set(sources)):
+            sel = sources == source
+            sets.append(EvalSet(store, str(source), rows[sel], y[sel], excluded))
+        if not len(rows):
+            log.warning("%s: no test rows left in %s (excluded: %s)", run, store.root, excluded)
+            last_excluded = excluded
+    if not sets:
+        raise ValueError(
+            f"{run}: no labelled test rows in split {config.split!r} of {stores} "
+            f"(excluded: {last_excluded})"
+        )
+    return sets
+
+
+def evaluate(config: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate every run (see :class:`EvaluateConfig`); writes the report folder."""
+    from spcxr.tasks.classify import load_run_model
+
+    if not config.runs:
+        raise ValueError("evaluate: give at least one --runs RUN folder")
+    out = Path(config.out)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    results: dict[str, Any] = {"config": _plain_config(config), "runs": {}}
+    for run_text in config.runs:
+        run = Path(run_text)
+        info = json.loads((run / "run.json").read_text())
+        if info.get("kind") == "segmentation":
+            from spcxr.tasks.segment import evaluate_segmentation_run
+
+            results["runs"][_run_name(run)] = evaluate_segmentation_run(run, info, config, out)
+            continue
+        model, meta, info = load_run_model(run, device)
+        results["runs"][_run_name(run)] = _evaluate_classifier(run, model, meta, info, config, out)
+    results["drift"] = drift_table(results)
+    results["comparison"] = comparison(results, config.level)
+    atomic_write_text(out / "metrics.json", json.dumps(results, indent=2, default=_json_default))
+    from spcxr.tasks.report import write_report
+
+    write_report(results, out)
+    return results
+
+
+def _plain_config(config: EvaluateConfig) -> dict[str, Any]:
+    from spcxr.config import to_dict
+
+    return to_dict(config)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(type(value).__name__)
+
+
+def _evaluate_classifier(run: Path, model, meta: dict, info: dict, config, out: Path) -> dict:
+    from spcxr.evaluation.bootstrap import bootstrap_ci
+    from spcxr.evaluation.metrics import classification_metrics, multilabel_metrics
+    from spcxr.evaluation.plots import confusion_matrix_plot, reliability_diagram, roc_curves
+    from spcxr.tasks.classify import predict_store
+
+    device = resolve_device(config.device)
+    classes = meta["class_names"]
+    cfg = meta["config"]
+    multilabel = LabelConfig(**meta["extra"]["labels"]).multilabel
+    name = _run_name(run)
+    entry: dict[str, Any] = {
+        "kind": "classification",
+        "run": str(run),
+        "init": info["init"],
+        "mode": meta["extra"].get("mode", "finetune"),
+        "classes": classes,
+        "train": info["data"]["train"],
+        "budget": info["data"].get("budget", "all"),
+        "fold": info["data"].get("fold"),
+        "train_sources": sorted(
+            info["data"]["train"].get(config.group_by + "s") or info["data"]["train"]["sources"]
+        ),
+        "eval": {},
+    }
+    metric_fn = multilabel_metrics if multilabel else classification_metrics
+    pred_frames, pooled_y, pooled_p, pooled_g = [], [], [], []
+    for s in eval_sets(run, info, meta, config):
+        if len(s.rows) == 0:
+            continue
+        prob = predict_store(
+            model,
+            s.store,
+            s.rows,
+            img_size=cfg["img_size"],
+            in_chans=cfg["in_chans"],
+            multilabel=multilabel,
+            device=device,
+            batch_size=config.batch_size,
+        )
+        groups = s.store.manifest["group"].iloc[s.rows].to_numpy()
+        # Patient groups are store-local ids: prefix with the store so pooling stays correct.
+        gkey = np.array([f"{s.store.fingerprint}:{g}" for g in groups])
+        ci = bootstrap_ci(
+            _bind(metric_fn, classes),
+            _codes(gkey),
+            n_boot=config.n_boot,
+            seed=config.seed,
+            level=config.level,
+            y_true=s.y,
+            prob=prob,
+        )
+        entry["eval"][s.source] = {
+            "data": _describe(s, classes, multilabel),
+            **_split_ci(ci),
+        }
+        pooled_y.append(s.y)
+        pooled_p.append(prob)
+        pooled_g.append(gkey)
+        frame = pd.DataFrame(
+            {
+                "image_path": s.store.manifest["image_path"].iloc[s.rows].to_numpy(),
+                "source": s.source,
+                "patient_group": groups,
+            }
+        )
+        if multilabel:
+            for j, c in enumerate(classes):
+                frame[f"true_{c}"] = s.y[:, j]
+        else:
+            frame["true"] = [classes[i] for i in s.y]
+            frame["predicted"] = [classes[i] for i in prob.argmax(1)]
+        for j, c in enumerate(classes):
+            frame[f"p_{c}"] = prob[:, j]
+        pred_frames.append(frame)
+    if not pred_frames:
+        raise ValueError(
+            f"{run}: no labelled test rows in split {config.split!r} of {config.stores}"
+        )
+    y, prob, g = np.concatenate(pooled_y), np.concatenate(pooled_p), np.concatenate(pooled_g)
+    if len(entry["eval"]) > 1:
+        entry["eval"]["all"] = {
+            "data": {"images": len(y), "patients": len(set(g))},
+            **_split_ci(
+                bootstrap_ci(
+                    _bind(metric_fn, classes),
+                    _codes(g),
+                    n_boot=config.n_boot,
+                    seed=config.seed,
+                    level=config.level,
+                    y_true=y,
+                    prob=prob,
+                )
+            ),
+        }
+    pd.concat(pred_frames).to_csv(out / f"predictions_{name}.csv", index=False)
+    plots = {}
+    if not multilabel:
+        plots["roc"] = roc_curves(y, prob, classes, out / "plots" / f"{name}_roc.png", title=name)
+        point = classification_point(entry)
+        plots["confusion"] = confusion_matrix_plot(
+            point["confusion"], classes, out / "plots" / f"{name}_confusion.png"
+        )
+        plots["reliability"] = reliability_diagram(
+            y, prob, out / "plots" / f"{name}_reliability.png"
+        )
+    entry["plots"] = {k: str(Path(v).relative_to(out)) for k, v in plots.items()}
+    return entry
+
+
+def classification_point(entry: dict) -> dict:
+    """Point estimates (incl. the confusion matrix) of a run's pooled evaluation."""
+    key = "all" if "all" in entry["eval"] else next(iter(entry["eval"]))
+    return entry["eval"][key]["point"]
+
+
+def _split_ci(ci: dict[str, Any]) -> dict[str, Any]:
+    """bootstrap_ci's result as metrics (intervals), point estimates and bootstrap details."""
+    details = {k: v for k, v in ci.items() if k not in ("intervals", "point")}
+    return {"metrics": ci["intervals"], "point": ci["point"], "bootstrap": details}
+
+
+def _bind(metric_fn, classes: list[str]):
+    """``metric_fn(y_true, prob)`` with the class names bound (bootstrap calls it per replicate)."""
+    return lambda y_true, prob: metric_fn(y_true, prob, classes)
+
+
+def _codes(keys: np.ndarray) -> np.ndarray:
+    _, codes = np.unique(keys, return_inverse=True)
+    return codes
+
+
+def _describe(s: EvalSet, classes: list[str], multilabel: bool) -> dict[str, Any]:
+    m = s.store.manifest.iloc[s.rows]
+    d: dict[str, Any] = {
+        "store": str(s.store.root),
+        "images": len(s.rows),
+        "patients": int(m["group"].nunique()),
+        "excluded": s.excluded,
+    }
+    if not multilabel:
+        d["per_class"] = {c: int((s.y == i).sum()) for i, c in enumerate(classes)}
+    return d
+
+
+PRIMARY = ("macro_auroc", "balanced_accuracy", "accuracy", "dice")
+
+
+def _primary(metrics: dict) -> str:
+    for key in PRIMARY:
+        if key in metrics:
+            return key
+    raise KeyError("no primary metric")
+
+
+def drift_table(results: dict) -> dict[str, Any]:
+    """Run x test-source table of the primary metric (train on A, test on A, B, C...)."""
+    rows = {}
+    for name, entry in results["runs"].items():
+        sources = [s for s in entry["eval"] if s != "all"]
+        if not sources:
+            continue
+        metric = _primary(entry["eval"][sources[0]]["metrics"])
+        rows[name] = {
+            "train_sources": entry["train_sources"],
+            "metric": metric,
+            "cells": {s: entry["eval"][s]["metrics"][metric] for s in sources},
+        }
+    return rows
+
+
+def _setting_key(entry: dict) -> str:
+    """Runs that differ only in their fold belong to one setting."""
+    run = Path(entry["run"])
+    return re.sub(r"[-_]?fold\d+$", "", run.name)
+
+
+def comparison(results: dict, level: float) -> list[dict[str, Any]]:
+    """One row per setting: init, budget, labels used, primary metric with CI.
+
+    k-fold settings (several runs differing only in the held-out fold) get the mean across folds
+    with a Student t interval.
+    """
+    from spcxr.evaluation.bootstrap import fold_summary
+
+    settings: dict[str, list[dict]] = {}
+    for entry in results["runs"].values():
+        settings.setdefault(_setting_key(entry), []).append(entry)
+    rows = []
+    for key, entries in settings.items():
+        first = entries[0]
+        evals = first["eval"]
+        pooled = "all" if "all" in evals else next(iter(evals))
+        metric = _primary(evals[pooled]["metrics"])
+        row = {
+            "setting": key,
+            "init": first["init"].get("init", "?"),
+            "mode": first.get("mode", "finetune"),
+            "budget": first.get("budget", "all"),
+            "train_images": int(np.mean([e["train"]["images"] for e in entries])),
+            "metric": metric,
+        }
+        if len(entries) > 1 and all(e.get("fold") for e in entries):
+            values = [e["eval"][pooled]["metrics"][metric]["value"] for e in entries]
+            row["value"] = fold_summary(values, level=level)
+            row["folds"] = len(entries)
+        else:
+            row["value"] = evals[pooled]["metrics"][metric]
+        rows.append(row)
+    return rows
+
+
+def load_yaml_config(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())

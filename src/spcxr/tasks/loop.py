@@ -1,0 +1,379 @@
+"""The supervised training loop shared by fine-tuning (``spcxr finetune``) and segmentation.
+
+Recipe (METHOD.md section 2; DeiT / the authors' SiT code, with MAE-style layer-wise lr decay):
+AdamW, ``lr = base_lr * batch / 256``, linear warm-up then cosine to ``min_lr`` per iteration,
+weight decay 0.05 without decay on biases / 1-D parameters, layer-wise lr decay, bf16 autocast on
+CUDA. Model selection and early stopping look at the validation split only; the test split is
+never read during training.
+
+Every random choice is a function of ``(seed, step)``: the batch order (a permutation per epoch,
+or class-balanced draws), the augmentation, stochastic depth. An interrupted run resumes from its
+last checkpoint and continues exactly as the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from spcxr.data.loader import StoreBatches
+from spcxr.data.store import PreparedStore
+from spcxr.pretrain.rng import derive_seed
+from spcxr.train.checkpoint import load_checkpoint, save_checkpoint
+from spcxr.train.logging import RunLogger
+from spcxr.train.lrd import param_groups_lrd
+from spcxr.train.schedule import cosine_schedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneOptimConfig:
+    """Optimiser and schedule of supervised training (DeiT / SiT fine-tuning recipe).
+
+    Attributes:
+        lr: base learning rate per 256 images (the run uses ``lr * batch_size / 256``).
+        min_lr: learning rate at the end of the cosine.
+        weight_decay: AdamW weight decay (none on biases, norms, position embedding, CLS).
+        warmup_epochs: epochs of linear warm-up (fractions allowed).
+        layer_decay: layer-wise lr decay: block ``i`` of ``L`` gets ``lr * decay ** (L + 1 - i)``
+            (0.55-0.75 in MAE-family CXR work; 1.0 disables).
+        clip_grad: gradient-norm clip (0 disables; DeiT does not clip).
+        betas: AdamW betas.
+    """
+
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_epochs: float = 5.0
+    layer_decay: float = 0.75
+    clip_grad: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class TrainConfig:
+    """Length, batching and bookkeeping of a supervised run.
+
+    Attributes:
+        epochs: passes over the training rows.
+        min_steps: at least this many optimisation steps (small label budgets: an epoch of 20
+            images is one step, so a budget curve needs a floor on the steps).
+        batch_size: images per step (capped at the number of training images).
+        eval_every: validate every this many steps (0: once per epoch, but at most 25 times).
+        patience: stop when the validation metric has not improved for this many evaluations
+            (0: never stop early).
+        seed: seed of initialisation, batch order, augmentation and stochastic depth.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:i]``.
+        workers: loader worker processes (they only slice the store's memory-mapped arrays).
+        resume: continue the run in ``out`` from its checkpoint.
+        tensorboard: also write TensorBoard scalars.
+        progress: show a progress bar.
+    """
+
+    epochs: float = 50.0
+    min_steps: int = 0
+    batch_size: int = 64
+    eval_every: int = 0
+    patience: int = 10
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 1
+    resume: bool = False
+    tensorboard: bool = True
+    progress: bool = True
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class StepBatches:
+    """The rows of every step: a seeded permutation per epoch, or class-balanced draws.
+
+    Args:
+        rows: training rows (manifest indices).
+        batch_size: rows per step.
+        seed: order seed.
+        weights: per-row sampling weights (class-balanced sampling) or ``None`` (plain epochs).
+    """
+
+    def __init__(
+        self, rows: np.ndarray, batch_size: int, seed: int, weights: np.ndarray | None = None
+    ) -> None:
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.batch_size = min(batch_size, len(self.rows))
+        self.seed = seed
+        self.weights = None if weights is None else weights / weights.sum()
+        self.steps_per_epoch = math.ceil(len(self.rows) / self.batch_size)
+
+    def rows_of(self, step: int) -> np.ndarray:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        rng = np.random.default_rng([self.seed, epoch])
+        n = len(self.rows)
+        if self.weights is not None:
+            order = rng.choice(n, size=self.steps_per_epoch * self.batch_size, p=self.weights)
+        else:
+            # A permutation, topped up from a second one so every step has a full batch.
+            order = np.concatenate([rng.permutation(n), rng.permutation(n)])
+        return self.rows[order[within * self.batch_size : (within + 1) * self.batch_size]]
+
+    def iterate(self, start: int, stop: int) -> Iterator[np.ndarray]:
+        for step in range(start, stop):
+            yield self.rows_of(step)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Step index -> store batch (loader workers slice the memory-mapped store)."""
+
+    def __init__(self, store: PreparedStore, plan: StepBatches, with_masks: bool) -> None:
+        self.data = StoreBatches(store, with_masks=with_masks)
+        self.plan = plan
+
+    def __len__(self) -> int:
+        return 1 << 62
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        return self.data[self.plan.rows_of(step)]
+
+
+def store_batches(
+    store: PreparedStore, plan: StepBatches, start: int, stop: int, *, workers: int, masks: bool
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of steps ``start .. stop - 1`` read by ``workers`` loader processes."""
+    loader = torch.utils.data.DataLoader(
+        _Batches(store, plan, masks),
+        sampler=range(start, stop),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    return iter(loader)
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` did."""
+
+    steps: int
+    best_step: int
+    best_value: float
+    history: list[dict[str, Any]]
+    stopped_early: bool
+    seconds: float
+
+
+def make_optimizer(
+    model: nn.Module, optim: FinetuneOptimConfig, num_layers: int
+) -> torch.optim.Optimizer:
+    groups = param_groups_lrd(
+        model,
+        weight_decay=optim.weight_decay,
+        layer_decay=optim.layer_decay,
+        num_layers=num_layers,
+    )
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    kwargs: dict[str, Any] = {}
+    if next(model.parameters()).is_cuda:
+        kwargs["fused"] = True
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, **kwargs)
+
+
+def fit(
+    *,
+    model: nn.Module,
+    store: PreparedStore,
+    plan: StepBatches,
+    loss_fn: Callable[[dict[str, torch.Tensor], int], torch.Tensor],
+    validate: Callable[[], dict[str, float]] | None,
+    select: str,
+    higher_is_better: bool,
+    save_best: Callable[[], None],
+    config: TrainConfig,
+    run_dir: Path,
+    num_layers: int,
+    with_masks: bool = False,
+    device: torch.device,
+) -> FitResult:
+    """Train ``model`` with ``loss_fn`` on the planned batches; keep the best validated state.
+
+    Args:
+        model: the model (already on ``device``); trainable parameters are optimised.
+        store: the prepared store the rows refer to.
+        plan: which rows each step reads.
+        loss_fn: ``(batch, step) -> scalar loss``; the batch holds uint8 ``images`` (and
+            ``masks``) on ``device``, and ``rows``.
+        validate: computes validation metrics (called in eval mode, without gradients);
+            ``None``: nothing to select on (k-fold), the last state is kept.
+        select: the validation metric that picks the best state (``loss`` when undefined).
+        higher_is_better: direction of ``select``.
+        save_best: writes the current model as the best one.
+        config: schedule and bookkeeping.
+        run_dir: the run folder (checkpoint.pt, log.jsonl, tb/).
+        num_layers: encoder depth for layer-wise lr decay.
+        with_masks: also read lung masks.
+        device: the training device.
+    """
+    started = time.perf_counter()
+    spe = plan.steps_per_epoch
+    total = max(math.ceil(config.epochs * spe), config.min_steps, 1)
+    eval_every = config.eval_every or max(spe, math.ceil(total / 25))
+    warmup = round(config.optim.warmup_epochs * spe)
+    warmup = min(warmup, total // 4)  # tiny budgets: never spend the whole run warming up
+    base_lr = config.optim.lr * plan.batch_size / 256.0
+    optimizer = make_optimizer(model, config.optim, num_layers)
+    amp = device.type == "cuda"
+
+    ckpt_path = run_dir / "checkpoint.pt"
+    step, best_value, best_step, bad_evals = 0, float("nan"), -1, 0
+    history: list[dict[str, Any]] = []
+    if config.resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, best_value, best_step = state["step"], state["best_value"], state["best_step"]
+        bad_evals, history = state["bad_evals"], state["history"]
+        log.info("resumed %s at step %d", run_dir, step)
+    elif ckpt_path.is_file():
+        raise ValueError(f"{run_dir} already holds a run; pass --resume or choose another --out")
+
+    logger = RunLogger(run_dir, tensorboard=config.tensorboard)
+    bar = tqdm(
+        total=total, initial=step, desc=run_dir.name, unit="step", disable=not config.progress
+    )
+    stopped_early = False
+    window, window_n = 0.0, 0
+    try:
+        batches = store_batches(store, plan, step, total, workers=config.workers, masks=with_masks)
+        model.train()
+        while step < total:
+            batch = next(batches)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            lr = cosine_schedule(step, total, base_lr, config.optim.min_lr, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            # Stochastic depth and dropout draw from the global RNG: reseed per step (resume).
+            torch.manual_seed(derive_seed(config.seed, "step", step))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = loss_fn(batch, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.optim.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad)
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            window += float(loss.detach())
+            window_n += 1
+            if step % eval_every == 0 or step == total:
+                if validate is None:
+                    metrics, value, improved = {}, float("nan"), True
+                else:
+                    model.eval()
+                    with torch.no_grad():
+                        metrics = validate()
+                    model.train()
+                    value = metrics.get(select, float("nan"))
+                    if not math.isfinite(value):
+                        raise ValueError(f"validation metric {select!r} is undefined: {metrics}")
+                    improved = not math.isfinite(best_value) or (
+                        value > best_value if higher_is_better else value < best_value
+                    )
+                if improved:
+                    best_value, best_step, bad_evals = value, step, 0
+                    save_best()
+                else:
+                    bad_evals += 1
+                record = {
+                    "epoch": step / spe,
+                    "lr": lr,
+                    "train_loss": window / max(window_n, 1),
+                    **{f"val_{k}": v for k, v in metrics.items()},
+                    "best": improved,
+                }
+                history.append({"step": step, **record})
+                logger.log(step, record)
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}", **{select: f"{value:.3f}"})
+                window, window_n = 0.0, 0
+                save_checkpoint(
+                    {
+                        "format": "spcxr-supervised-checkpoint",
+                        "step": step,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "best_value": best_value,
+                        "best_step": best_step,
+                        "bad_evals": bad_evals,
+                        "history": history,
+                    },
+                    ckpt_path,
+                )
+                if config.patience and bad_evals >= config.patience:
+                    stopped_early = True
+                    log.info(
+                        "early stop at step %d (best %s %.4f at step %d)",
+                        step,
+                        select,
+                        best_value,
+                        best_step,
+                    )
+                    break
+    finally:
+        bar.close()
+        logger.close()
+    return FitResult(
+        steps=step,
+        best_step=best_step,
+        best_value=best_value,
+        history=history,
+        stopped_early=stopped_early,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def preprocessing_record(store: PreparedStore, img_size: int) -> dict[str, Any]:
+    """How a model's inputs were made from raw files, so inference repeats it (not re-guesses).
+
+    Raw file -> :func:`spcxr.io.read_image` with these DICOM settings (pixels in [0, 1], higher =
+    more attenuation) -> :func:`spcxr.data.prepare.fit_square` to ``store_image_size`` (aspect
+    kept, padded with 0) -> uint8 -> :func:`spcxr.data.augment.eval_transform` to ``img_size``
+    (bilinear, antialiased) -> ``(x - mean) / std``.
+    """
+    prep = store.meta.get("prepare_config", {})
+    return {
+        "store_image_size": int(store.image_size),
+        "dicom_windowing": prep.get("dicom_windowing", "auto"),
+        "dicom_percentiles": list(prep.get("dicom_percentiles", (0.5, 99.5))),
+        "img_size": int(img_size),
+        "mean": 0.5,
+        "std": 0.25,
+        "steps": [
+            "spcxr.io.read_image",
+            "spcxr.data.prepare.fit_square(store_image_size) -> uint8",
+            "spcxr.data.augment.eval_transform(img_size)",
+        ],
+    }
+
+
+def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Inverse-frequency class weights: every present class weighs the same in total, and the
+    mean weight over the samples is 1 (classes absent get weight 0)."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    present = max(int((counts > 0).sum()), 1)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / present, 0.0)
+    return weights

@@ -1,0 +1,217 @@
+"""``report.md`` of ``spcxr evaluate``: the data used, every metric with its CI, plots, drift.
+
+A reader should be able to tell from the report alone what was trained on what (sources, classes,
+patients, label budget, initialisation and what pretraining saw), what it was tested on, and how
+sure each number is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from spcxr.atomic import atomic_write_text
+
+CLASS_METRICS = [
+    ("accuracy", "accuracy"),
+    ("balanced_accuracy", "balanced accuracy"),
+    ("macro_f1", "macro F1"),
+    ("macro_auroc", "macro AUROC"),
+    ("ece", "expected calibration error (15 bins)"),
+]
+SEG_METRICS = [
+    ("dice", "Dice"),
+    ("iou", "IoU"),
+    ("hd95", "HD95 (pixels of the evaluation grid)"),
+    ("hd95_mm", "HD95 (mm)"),
+]
+
+
+def ci_text(entry: dict[str, Any] | None, digits: int = 3) -> str:
+    """``value [low, high]`` or ``n/a``."""
+    if not entry:
+        return "n/a"
+    value = entry.get("value")
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    low, high = entry.get("low"), entry.get("high")
+    if low is None or high is None or not np.isfinite(low) or not np.isfinite(high):
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _init_text(init: dict[str, Any]) -> str:
+    kind = init.get("init", "?")
+    if kind == "scratch":
+        return "random initialisation (supervised-transformer baseline)"
+    text = (
+        f"{kind} from `{init.get('path', '?')}` (weights sha256 {init.get('weights_sha256', '?')})"
+    )
+    src = init.get("source_run") or {}
+    if src:
+        bits = [
+            f"{k}: {v}" for k, v in src.items() if k in ("steps", "images", "sources", "splits")
+        ]
+        if bits:
+            text += "; pretraining " + ", ".join(bits)
+    return text
+
+
+def _metric_rows(metrics: dict[str, Any], classes: list[str]) -> list[tuple[str, str]]:
+    rows = [(label, ci_text(metrics.get(key))) for key, label in CLASS_METRICS if key in metrics]
+    for c in classes:
+        for key, label in (
+            (f"per_class_accuracy/{c}", f"sensitivity (per-class accuracy) {c}"),
+            (f"specificity/{c}", f"specificity {c}"),
+            (f"auroc/{c}", f"AUROC {c} vs rest"),
+        ):
+            if key in metrics:
+                rows.append((label, ci_text(metrics[key])))
+    return rows
+
+
+def write_report(results: dict[str, Any], out: Path) -> Path:
+    """Write ``out/report.md`` (and the comparison / drift plots) from evaluate's results."""
+    cfg = results["config"]
+    lines = [
+        "# spcxr evaluation report",
+        "",
+        f"Split evaluated: `{cfg['split']}` (k-fold runs: their held-out fold). "
+        f"95% confidence intervals: bootstrap over patients, {cfg['n_boot']} replicates "
+        f"(seed {cfg['seed']}); intervals across folds use Student's t.",
+        "",
+    ]
+    comparison = results.get("comparison") or []
+    if len(comparison) > 1:
+        lines += _comparison_section(comparison, out)
+    drift = results.get("drift") or {}
+    if (
+        any(len(r["cells"]) > 1 for r in drift.values())
+        or len({tuple(r["train_sources"]) for r in drift.values()}) > 1
+    ):
+        lines += _drift_section(drift, out)
+    for name, entry in results["runs"].items():
+        lines += _run_section(name, entry)
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _comparison_section(rows: list[dict[str, Any]], out: Path) -> list[str]:
+    from spcxr.evaluation.plots import budget_curve
+
+    lines = [
+        "## Comparison",
+        "",
+        "| setting | initialisation | mode | label budget | training images | metric | value [95% CI] |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        folds = f" ({r['folds']} folds)" if r.get("folds") else ""
+        lines.append(
+            f"| {r['setting']} | {r['init']} | {r['mode']} | {r['budget']} | {r['train_images']} "
+            f"| {r['metric']}{folds} | {ci_text(r['value'])} |"
+        )
+    lines.append("")
+    budgets = {r["train_images"] for r in rows}
+    if len(budgets) > 1:
+        curve_rows = [
+            {
+                "run": f"{r['init']} ({r['mode']})" if r["mode"] != "finetune" else r["init"],
+                "labels": r["train_images"],
+                "value": r["value"]["value"],
+                "low": r["value"].get("low", np.nan),
+                "high": r["value"].get("high", np.nan),
+            }
+            for r in rows
+        ]
+        metric = rows[0]["metric"]
+        path = budget_curve(
+            curve_rows, out / "plots" / "label_efficiency.png", metric=metric, ylabel=metric
+        )
+        lines += [f"![label efficiency]({Path(path).relative_to(out)})", ""]
+    return lines
+
+
+def _drift_section(drift: dict[str, Any], out: Path) -> list[str]:
+    from spcxr.evaluation.plots import drift_heatmap
+
+    sources = sorted({s for r in drift.values() for s in r["cells"]})
+    metric = next(iter(drift.values()))["metric"]
+    lines = [
+        "## Drift: trained on (rows) / tested on (columns)",
+        "",
+        f"Metric: {metric}, 95% CI by patient bootstrap.",
+        "",
+        "| run (trained on) | " + " | ".join(sources) + " |",
+        "|---|" + "---|" * len(sources),
+    ]
+    values = pd.DataFrame(index=list(drift), columns=sources, dtype=float)
+    labels = pd.DataFrame(index=list(drift), columns=sources, dtype=object)
+    for name, r in drift.items():
+        cells = []
+        for s in sources:
+            c = r["cells"].get(s)
+            cells.append(ci_text(c))
+            values.loc[name, s] = c["value"] if c else np.nan
+            labels.loc[name, s] = ci_text(c, 2) if c else ""
+        lines.append(f"| {name} ({', '.join(r['train_sources'])}) | " + " | ".join(cells) + " |")
+    path = drift_heatmap(
+        values, out / "plots" / "drift.png", title=f"{metric} by test source", annotations=labels
+    )
+    lines += ["", f"![drift]({Path(path).relative_to(out)})", ""]
+    return lines
+
+
+def _run_section(name: str, entry: dict[str, Any]) -> list[str]:
+    train = entry["train"]
+    per_class = train.get("per_class") or train.get("positives") or {}
+    lines = [
+        f"## Run `{name}`",
+        "",
+        f"- Task: {entry['kind']}"
+        + (f", classes {', '.join(entry['classes'])}" if entry.get("classes") else ""),
+        f"- Initialisation: {_init_text(entry['init'])}",
+        f"- Mode: {entry.get('mode', 'finetune')}; label budget: {entry.get('budget', 'all')}"
+        + (
+            f"; fold {entry['fold']['fold']} of {entry['fold']['n_folds']}"
+            if entry.get("fold")
+            else ""
+        ),
+        f"- Trained on: {train['images']} images of {train['patients']} patients "
+        f"({', '.join(f'{k} {v}' for k, v in train['sources'].items())}); "
+        + ", ".join(f"{k} {v}" for k, v in per_class.items())
+        + f"; image-set digest `{train.get('digest', '?')}`",
+        "",
+    ]
+    for source, ev in entry["eval"].items():
+        d = ev["data"]
+        counts = ", ".join(f"{k} {v}" for k, v in (d.get("per_class") or {}).items())
+        excluded = d.get("excluded") or {}
+        ex = "; excluded: " + ", ".join(f"{k} {v}" for k, v in excluded.items()) if excluded else ""
+        lines += [
+            f"### Tested on {source}: {d['images']} images, {d['patients']} patients"
+            + (f" ({counts})" if counts else "")
+            + ex,
+            "",
+            "| metric | value [95% CI] |",
+            "|---|---|",
+        ]
+        table = (
+            [
+                (label, ci_text(ev["metrics"].get(key)))
+                for key, label in SEG_METRICS
+                if key in ev["metrics"]
+            ]
+            if entry["kind"] == "segmentation"
+            else _metric_rows(ev["metrics"], entry.get("classes", []))
+        )
+        lines += [f"| {a} | {b} |" for a, b in table]
+        lines.append("")
+    for kind, rel in (entry.get("plots") or {}).items():
+        lines.append(f"![{kind}]({rel})")
+    lines.append("")
+    return lines

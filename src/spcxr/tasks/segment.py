@@ -1,0 +1,444 @@
+"""``spcxr segment``: lung segmentation with the pretrained ViT as encoder (or random, baseline).
+
+The paper shows that one GMML pretraining also serves lung segmentation (Anwar et al., arXiv
+2211.12944; METHOD.md section 2): a decoder turns ViT tokens into a full-resolution mask
+(UNETR-style skips from intermediate blocks, or progressive upsampling), trained with Dice + BCE.
+
+Masks across sources: every image of the training sources that has no mask is excluded and
+counted; masks drawn with another convention (the V7 masks of covid_ieee8023 include the lung
+behind the heart; Shenzhen / Montgomery masks do not) are evaluated and reported per source, never
+pooled; "ignore" masks (devices, text) listed by a source are left out of the loss and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from spcxr.atomic import atomic_write_text
+from spcxr.config import save_yaml
+from spcxr.data.augment import AugmentConfig, eval_transform
+from spcxr.data.budget import parse_budget, select_budget
+from spcxr.data.finetune_augment import FinetuneAugmentConfig, augment_batch
+from spcxr.data.store import PreparedStore
+from spcxr.models.segmentation import (
+    Segmenter,
+    SegmenterConfig,
+    build_segmenter,
+    load_segmenter,
+    save_segmenter,
+)
+from spcxr.pretrain.rng import derive_seed
+from spcxr.tasks.classify import describe_rows
+from spcxr.tasks.loop import StepBatches, TrainConfig, fit, preprocessing_record, resolve_device
+from spcxr.versions import library_versions
+
+log = logging.getLogger(__name__)
+
+NORM = AugmentConfig()
+
+#: How each public source draws its lung masks (reported next to its scores).
+MASK_CONVENTIONS = {
+    "shenzhen": "Stirenko et al. 2018: lung fields without the region behind the heart",
+    "montgomery": "NLM: left + right lung fields (merged), without the region behind the heart",
+    "ieee8023": "V7 Labs: includes the retro-cardiac lung (behind the heart); a different "
+    "convention from Shenzhen / Montgomery",
+    "synthetic": "exact phantom lung fields",
+}
+
+
+@dataclass
+class SegmentConfig:
+    """Settings of ``spcxr segment`` (every field is a CLI flag and a YAML key).
+
+    Attributes:
+        store: the prepared store (images with lung masks).
+        out: the run folder.
+        init: ``scratch``, a GMML pretraining run folder, an exported encoder, or a fine-tuned
+            run folder (its encoder).
+        sources: train and validate on these sources only (empty: every source with masks).
+        train_split: split of the training rows.
+        val_split: split for model selection.
+        budget: training images: ``all``, a fraction, or ``N`` images (drawn by patient).
+        budget_seed: seed of the budget draw.
+        dice_weight: weight of the soft Dice loss.
+        bce_weight: weight of the binary cross-entropy.
+        model: encoder (must match the initialisation), decoder and freezing settings.
+        augment: augmentation, applied identically to image and mask.
+        train: schedule, batching, optimiser, seed, device.
+    """
+
+    store: str = ""
+    out: str = "runs/segment"
+    init: str = "scratch"
+    sources: list[str] = field(default_factory=list)
+    train_split: str = "train"
+    val_split: str = "val"
+    budget: str = "all"
+    budget_seed: int = 0
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    model: SegmenterConfig = field(default_factory=SegmenterConfig)
+    augment: FinetuneAugmentConfig = field(default_factory=FinetuneAugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def mask_rows(store: PreparedStore, split: str, sources: list[str]) -> tuple[np.ndarray, int]:
+    """Rows of ``split`` with a lung mask, and how many rows were left out for having none."""
+    if sources:
+        rows = store.indices(split, source=sources)
+    else:
+        with_any = store.manifest.loc[store.has_mask, "source"].unique().tolist()
+        rows = store.indices(split, source=with_any)
+    keep = store.has_mask[rows]
+    return rows[keep], int((~keep).sum())
+
+
+def ignore_masks(store: PreparedStore, rows: np.ndarray) -> np.ndarray | None:
+    """uint8 [n, S, S] regions to ignore (devices, text) where a source lists them, else None.
+
+    The files named in the manifest's ``extra`` (``ignore_mask_path``) are read and fitted with
+    the same geometry as their image (content box, square padding), as ``spcxr prepare`` does
+    for lung masks.
+    """
+    from spcxr.data.prepare import fit_mask
+    from spcxr.io import read_mask
+
+    m = store.manifest
+    if "extra" not in m.columns:
+        return None
+    out = None
+    for i, r in enumerate(rows):
+        text = m["extra"].iat[r]
+        if not isinstance(text, str) or "ignore_mask_path" not in text:
+            continue
+        path = json.loads(text).get("ignore_mask_path")
+        if not path:
+            continue
+        if not Path(path).is_file():
+            log.warning("%s: ignore mask listed in the manifest is missing; not applied", path)
+            continue
+        shape = (int(m["orig_height"].iat[r]), int(m["orig_width"].iat[r]))
+        box = tuple(int(m[c].iat[r]) for c in ("box_top", "box_left", "box_height", "box_width"))
+        mask = read_mask(path, shape=shape)
+        if out is None:
+            out = np.zeros((len(rows), store.image_size, store.image_size), dtype=np.uint8)
+        out[i] = fit_mask(mask, store.image_size, box)
+    return out
+
+
+def resize_masks(masks_u8: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 0/1 masks [B,1,S,S] -> float 0/1 at ``size`` (area-weighted, then > 0.5)."""
+    m = masks_u8.float()
+    if m.shape[-1] != size:
+        m = F.interpolate(
+            m, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
+    return (m > 0.5).float()
+
+
+def dice_bce_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor | None,
+    dice_weight: float,
+    bce_weight: float,
+) -> torch.Tensor:
+    """Soft Dice (per image, averaged) + BCE, over the valid (not ignored) pixels."""
+    valid = torch.ones_like(target) if valid is None else valid
+    prob = torch.sigmoid(logits)
+    inter = (prob * target * valid).sum((1, 2, 3))
+    denom = ((prob + target) * valid).sum((1, 2, 3))
+    dice = 1 - (2 * inter + 1) / (denom + 1)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    bce = (bce * valid).sum() / valid.sum().clamp_min(1)
+    return dice_weight * dice.mean() + bce_weight * bce
+
+
+@torch.no_grad()
+def predict_masks(
+    model: Segmenter,
+    store: PreparedStore,
+    rows: np.ndarray,
+    *,
+    img_size: int,
+    in_chans: int,
+    device: torch.device,
+    out_size: int | None = None,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Lung probability maps [n, s, s] (float16) at ``out_size`` (default: the store's size)."""
+    model.eval()
+    out_size = out_size or store.image_size
+    amp = device.type == "cuda"
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        images = torch.from_numpy(store.images(chunk)).unsqueeze(1).to(device)
+        x = eval_transform(images, img_size, NORM)
+        if in_chans != 1:
+            x = x.expand(-1, in_chans, -1, -1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x).float()
+        if logits.shape[-1] != out_size:
+            logits = F.interpolate(
+                logits, size=(out_size, out_size), mode="bilinear", align_corners=False
+            )
+        out.append(torch.sigmoid(logits)[:, 0].to(torch.float16).cpu())
+    if not out:
+        return np.zeros((0, out_size, out_size), dtype=np.float16)
+    return torch.cat(out).numpy()
+
+
+def segment(config: SegmentConfig) -> dict[str, Any]:
+    """Train a lung segmenter (see :class:`SegmentConfig`); returns the run summary."""
+    if not config.store:
+        raise ValueError("segment: --store is required (a folder written by `spcxr prepare`)")
+    run_dir = Path(config.out)
+    device = resolve_device(config.train.device)
+    store = PreparedStore(config.store)
+    train, no_mask_train = mask_rows(store, config.train_split, config.sources)
+    val, no_mask_val = mask_rows(store, config.val_split, config.sources)
+    if no_mask_train:
+        log.warning("%d training images have no lung mask: excluded from training", no_mask_train)
+    if len(train) == 0:
+        raise ValueError(
+            f"{config.store}: no images with lung masks in split {config.train_split!r}"
+        )
+    if len(val) == 0:
+        raise ValueError(f"{config.store}: no images with lung masks in split {config.val_split!r}")
+    budget = parse_budget(config.budget)
+    frame = store.manifest.iloc[train].assign(_y="lung")
+    train = train[select_budget(frame, budget, seed=config.budget_seed, label_col="_y")]
+
+    torch.manual_seed(derive_seed(config.train.seed, "init"))
+    model, init_info = build_segmenter(config.model, config.init)
+    model.to(device)
+    img, in_chans = config.model.img_size, config.model.in_chans
+    ignore_train = ignore_masks(store, train)
+    pos_of = {int(r): i for i, r in enumerate(train)}
+    plan = StepBatches(train, config.train.batch_size, config.train.seed)
+
+    def loss_fn(batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        x = eval_transform(batch["images"], img, NORM)
+        y = resize_masks(batch["masks"], img)
+        valid = None
+        if ignore_train is not None:
+            idx = [pos_of[int(r)] for r in batch["rows"].tolist()]
+            ign = torch.from_numpy(ignore_train[idx]).unsqueeze(1).to(x.device)
+            valid = 1 - resize_masks(ign, img)
+        gen = torch.Generator().manual_seed(derive_seed(config.train.seed, "augment", step))
+        stacked = y if valid is None else torch.cat([y, valid], 1)
+        x, stacked = augment_batch(x, config.augment, gen, masks=stacked)
+        y, valid = (stacked, None) if valid is None else (stacked[:, :1], stacked[:, 1:])
+        if in_chans != 1:
+            x = x.expand(-1, in_chans, -1, -1)
+        logits = model(x).float()
+        return dice_bce_loss(logits, y, valid, config.dice_weight, config.bce_weight)
+
+    val_masks = store.masks(val).astype(bool)
+
+    def validate() -> dict[str, float]:
+        prob = predict_masks(model, store, val, img_size=img, in_chans=in_chans, device=device)
+        pred = prob > 0.5
+        inter = (pred & val_masks).sum((1, 2))
+        total = pred.sum((1, 2)) + val_masks.sum((1, 2))
+        dice = np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
+        return {"dice": float(dice.mean())}
+
+    best_dir = run_dir / "model"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(config, run_dir / "config.yaml")
+    extra = {
+        "init": init_info,
+        "preprocessing": preprocessing_record(store, img),
+        "dice_weight": config.dice_weight,
+        "bce_weight": config.bce_weight,
+    }
+
+    def save_best() -> None:
+        save_segmenter(model, best_dir, extra=extra)
+
+    ones = np.zeros(len(train), dtype=np.int64)
+    info: dict[str, Any] = {
+        "kind": "segmentation",
+        "seed": config.train.seed,
+        "versions": library_versions(),
+        "device": str(device),
+        "init": init_info,
+        "data": {
+            "store": str(Path(config.store).resolve()),
+            "store_fingerprint": store.fingerprint,
+            "train": describe_rows(store, train, ones, ["lung"]),
+            "val": describe_rows(store, val, np.zeros(len(val), np.int64), ["lung"]),
+            "budget": config.budget,
+            "excluded": {"train without mask": no_mask_train, "val without mask": no_mask_val},
+            "ignore_masks_in_train": int(
+                0 if ignore_train is None else (ignore_train.reshape(len(train), -1).any(1)).sum()
+            ),
+        },
+        "select": "dice",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
+    pd.DataFrame(
+        {
+            "row": train,
+            "image_path": store.manifest["image_path"].iloc[train].to_numpy(),
+            "patient_group": store.manifest["group"].iloc[train].to_numpy(),
+            "pixel_hash": store.manifest["pixel_hash"].iloc[train].to_numpy(),
+        }
+    ).to_csv(run_dir / "train_rows.csv", index=False)
+    result = fit(
+        model=model,
+        store=store,
+        plan=plan,
+        loss_fn=loss_fn,
+        validate=validate,
+        select="dice",
+        higher_is_better=True,
+        save_best=save_best,
+        config=config.train,
+        run_dir=run_dir,
+        num_layers=len(model.encoder.blocks),
+        with_masks=True,
+        device=device,
+    )
+    info.update(
+        {
+            "steps": result.steps,
+            "best_step": result.best_step,
+            "best_value": result.best_value,
+            "stopped_early": result.stopped_early,
+            "seconds": round(result.seconds, 1),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+    )
+    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
+    return info
+
+
+def evaluate_segmentation_run(run: Path, info: dict, config, out: Path) -> dict[str, Any]:
+    """Dice / IoU / HD95 with patient-bootstrap CIs per test source; per-image scores saved."""
+    from spcxr.evaluation.bootstrap import bootstrap_ci
+    from spcxr.evaluation.plots import segmentation_examples
+    from spcxr.evaluation.segmetrics import segmentation_scores
+    from spcxr.tasks.evaluate import _split_ci
+
+    device = resolve_device(config.device)
+    model, meta = load_segmenter(run / "model")
+    model.to(device).eval()
+    enc = meta["config"]
+    name = run.name
+    train_hashes = set(pd.read_csv(run / "train_rows.csv")["pixel_hash"].astype(str))
+    entry: dict[str, Any] = {
+        "kind": "segmentation",
+        "run": str(run),
+        "init": info["init"],
+        "mode": "frozen encoder" if meta["config"].get("freeze") == "all" else "finetune",
+        "budget": info["data"].get("budget", "all"),
+        "train": info["data"]["train"],
+        "train_sources": sorted(info["data"]["train"]["sources"]),
+        "eval": {},
+        "plots": {},
+    }
+    frames = []
+    for store_path in config.stores or [info["data"]["store"]]:
+        store = PreparedStore(store_path)
+        rows, no_mask = mask_rows(store, config.split, config.sources)
+        hashes = store.manifest["pixel_hash"].iloc[rows].astype(str).to_numpy()
+        seen = np.isin(hashes, list(train_hashes))
+        rows = rows[~seen]
+        sources = store.manifest["source"].iloc[rows].to_numpy()
+        for source in sorted(set(sources)):
+            r = rows[sources == source]
+            prob = predict_masks(
+                model, store, r, img_size=enc["img_size"], in_chans=enc["in_chans"], device=device
+            )
+            pred = prob > 0.5
+            true = store.masks(r).astype(bool)
+            ignore = ignore_masks(store, r)
+            if ignore is not None:
+                keep = ~ignore.astype(bool)
+                pred, true = pred & keep, true & keep
+            scores = segmentation_scores(pred, true)
+            groups = store.manifest["group"].iloc[r].to_numpy()
+            arrays = {k: np.asarray(v, dtype=float) for k, v in scores.items()}
+
+            def mean_scores(**a: np.ndarray) -> dict[str, float]:
+                return {
+                    k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+                    for k, v in a.items()
+                }
+
+            ci = bootstrap_ci(
+                mean_scores,
+                groups,
+                n_boot=config.n_boot,
+                seed=config.seed,
+                level=config.level,
+                **arrays,
+            )
+            excluded = {}
+            if no_mask:
+                excluded["no lung mask"] = no_mask
+            if seen.any():
+                excluded["identical to a training image"] = int(seen.sum())
+            entry["eval"][source] = {
+                "data": {
+                    "store": str(store.root),
+                    "images": len(r),
+                    "patients": len(set(groups)),
+                    "excluded": excluded,
+                    "mask_convention": MASK_CONVENTIONS.get(source, "as provided by the source"),
+                    "hd95_undefined": int(np.isnan(arrays["hd95"]).sum()),
+                    "grid": f"{store.image_size} px store grid",
+                },
+                **_split_ci(ci),
+            }
+            frame = pd.DataFrame(
+                {
+                    "image_path": store.manifest["image_path"].iloc[r].to_numpy(),
+                    "source": source,
+                    "patient_group": groups,
+                    **arrays,
+                }
+            )
+            frames.append(frame)
+            order = np.argsort(arrays["dice"])
+            pick = np.unique(np.concatenate([order[:3], order[-3:]]))
+            path = segmentation_examples(
+                store.images(r[pick]),
+                true[pick],
+                pred[pick],
+                out / "plots" / f"{name}_{source}_examples.png",
+                scores=arrays["dice"][pick],
+            )
+            entry["plots"][f"examples {source} (3 worst, 3 best)"] = str(path.relative_to(out))
+    if frames:
+        pd.concat(frames).to_csv(out / f"per_image_{name}.csv", index=False)
+    return entry
+
+
+def load_run_segmenter(run: str | Path, device: torch.device) -> tuple[Segmenter, dict]:
+    model, meta = load_segmenter(Path(run) / "model")
+    return model.to(device).eval(), meta
+
+
+__all__ = [
+    "MASK_CONVENTIONS",
+    "SegmentConfig",
+    "dice_bce_loss",
+    "evaluate_segmentation_run",
+    "predict_masks",
+    "segment",
+]
