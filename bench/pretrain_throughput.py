@@ -1,47 +1,144 @@
-"""Benchmark a GMML pretraining step: spcxr's batched pipeline vs a reference-style one.
+"""GMML pretraining throughput: spcxr end-to-end vs the bare model step vs a reference-style pipeline.
 
-Both pipelines train the same ViT with the same optimiser on the same store batches; they
-differ only in how views are augmented, masked and corrupted:
+Measured in one run, on one device (or one per rank under ``torchrun``), in this order and
+repeated ``--rounds`` times (phases alternate, so drift on a shared machine hits all alike):
 
-- spcxr: loader workers slice uint8 batches out of the store; augmentation, group masking and
-  corruption run as batched tensor operations on the training device
-  (:mod:`spcxr.data.augment`, :mod:`spcxr.pretrain.masking`).
-- reference-style (implemented here, after the behaviour of the GMML authors' code): loader
-  workers augment each image separately (torchvision transforms) and corrupt each view with a
-  Python loop that adds one rectangle at a time until the target area is covered; on the
-  training device a second loop over the images of the batch redraws the replacement views
-  from another image, one image at a time.
+- ``bare``: the model step alone (forward, loss, backward, gradient clipping, optimiser) of
+  :meth:`Pretrainer.train_step` on one prepared batch (real views and masks) already on the
+  device: the ceiling for this model, batch and device.
+- ``spcxr``: end-to-end from a prepared store on local disk, the code path of ``spcxr
+  pretrain``: loader workers slice uint8 batches out of the store
+  (:meth:`Pretrainer.batches`), the :class:`~spcxr.data.loader.DevicePrefetcher` copies them to
+  the device and augments, masks and corrupts them there (batched, on a side CUDA stream), and
+  the same model step runs. The fraction of time the device waits for data is measured as in
+  training (:class:`~spcxr.data.loader.DataWaitMeter`: CUDA events, no per-step sync).
+- ``pipeline``: the spcxr data path alone (loader + device augmentation + masking, no model):
+  the rate it could feed.
+- ``reference``: a pipeline after the GMML authors' code (implemented here): loader workers
+  augment each image with torchvision transforms and corrupt each view with a Python loop that
+  adds one rectangle at a time; on the device a second loop over the views of the batch redraws
+  the replacement views from another image, one view at a time; an eager model step with autocast
+  and the default (foreach) AdamW. Its loader hands each whole batch to one worker, so its rate
+  arrives in waves; it is timed after the initial backlog (``prefetch_factor x workers``
+  batches) over at least two waves. It reads the same prepared store as spcxr (256 px uint8),
+  not the original image files the authors' ImageFolder loader decodes, so it is faster than
+  their code and the ratio to it is conservative.
+- ``reference_pipeline`` (with ``--reference-pipeline``): its data path alone (loader workers
+  + the replacement loop, no model).
 
-Prints one JSON line: views/s of each full step (measured in the same run, in alternating phases)
-and their ratio; views/s of each data pipeline alone (loader + augmentation + masking, no model:
-the ceiling a pipeline puts on a fast training step); and the share of spcxr's step spent in
-augmentation + masking.
+Every phase times ``--steps`` steps after ``--warmup`` untimed ones (compilation happens in the
+first warm-up and is reported as ``warmup_s``), with a device sync only at the ends of a phase.
+Model FLOPs per view are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one forward
++ backward (on the meta device: free); MFU = FLOPs/view x views/s / peak, with the peak from
+``--peak-tflops`` or a table of datasheet values keyed on the GPU name (null on the CPU). The
+bf16 matmul rate measured on the device (``matmul_tflops``) is reported too, with the MFU against
+it.
 
-Usage: python bench/pretrain_throughput.py [--store STORE] [--arch vit_small --img-size 224
-       --patch-size 16 --batch 16 --steps 6 --device auto]
+Prints one JSON line (rank 0) and appends it to ``OUT_DIR/pretrain_throughput.jsonl`` with
+``--out-dir``. Under ``torchrun --nproc_per_node N`` each rank reads only its slice of every
+global batch (``--batch-size`` is per rank), and views/s are totals over the ranks with the
+per-rank rates alongside; the reference phase runs per rank without gradient averaging.
+
+Usage:
+    # GPU (defaults: ViT-S/16 at 224 px, 256 images = 512 views per step, bf16, compiled)
+    python bench/pretrain_throughput.py --device cuda --out-dir bench_out
+    torchrun --nproc_per_node 8 bench/pretrain_throughput.py --device cuda
+    # CPU, a small model
+    python bench/pretrain_throughput.py --device cpu --arch vit_tiny --img-size 64 \\
+        --patch-size 8 --batch-size 16 --steps 6 --warmup 2 --workers 1 --ref-workers 1
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
+import torch.distributed as dist
 import torchvision.transforms.v2 as T
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
 
 from spcxr.data.augment import AugmentConfig
-from spcxr.data.loader import EpochBatchSampler, StoreBatches, make_loader
+from spcxr.data.loader import DataWaitMeter
 from spcxr.data.store import PreparedStore
-from spcxr.pretrain.engine import OptimConfig, PretrainConfig, Pretrainer
-from spcxr.pretrain.gmml import GMMLConfig, reconstruction_loss
+from spcxr.pretrain.engine import OptimConfig, PreparedBatch, PretrainConfig, Pretrainer
+from spcxr.pretrain.gmml import GMMLConfig, GMMLModel, param_groups, reconstruction_loss
 from spcxr.pretrain.masking import MaskingConfig
+from spcxr.train import distributed
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s: half of the "with sparsity" figures of
+# NVIDIA's datasheets (H100: "NVIDIA H100 Tensor Core GPU" datasheet, SXM 1,979 / NVL 1,671 /
+# PCIe 1,513; H200: "NVIDIA H200 Tensor Core GPU" datasheet, SXM 1,979 / NVL 1,671; A100: 312
+# dense). Matched, first hit, on torch.cuda.get_device_name(); "NVIDIA H100 80GB HBM3" is the SXM
+# part. Sustained clocks under load are lower: ``matmul_tflops`` is what the card delivered.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float, str], ...] = (
+    ("h200 nvl", 835.0, "NVIDIA H200 NVL datasheet (1,671 sparse / 2)"),
+    ("h200", 989.0, "NVIDIA H200 SXM datasheet (1,979 sparse / 2)"),
+    ("h100 nvl", 835.0, "NVIDIA H100 NVL datasheet (1,671 sparse / 2)"),
+    ("h100 pcie", 756.0, "NVIDIA H100 PCIe datasheet (1,513 sparse / 2)"),
+    ("h100", 989.0, "NVIDIA H100 SXM datasheet (1,979 sparse / 2)"),
+    ("a100", 312.0, "NVIDIA A100 datasheet (dense bf16)"),
+)
+
+
+def peak_tflops(device_name: str, override: float | None) -> tuple[float | None, str | None]:
+    """Peak dense TFLOP/s of the training dtype and where it comes from (``None`` if unknown)."""
+    if override is not None:
+        return override, "--peak-tflops"
+    name = device_name.lower()
+    for key, value, source in PEAK_BF16_TFLOPS:
+        if key in name:
+            return value, source
+    return None, None
+
+
+def gflop_per_view(model_config: GMMLConfig, loss_on: str) -> float:
+    """Model GFLOP of one view's forward + backward (FlopCounterMode on the meta device).
+
+    Matmuls, attention (SDPA decomposes into batched matmuls on the meta device) and the
+    convolutions are counted; elementwise work, norms and the optimiser are not, as in the usual
+    MFU convention.
+    """
+    views = 2
+    with torch.device("meta"):
+        model = GMMLModel(model_config)
+        side, chans = model_config.img_size, model_config.in_chans
+        x = torch.empty(views, chans, side, side)
+        mask = torch.ones(views, 1, side, side, dtype=torch.bool)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        reconstruction_loss(model(x), x, mask, loss_on).backward()
+    return counter.get_total_flops() / views / 1e9
+
+
+def matmul_tflops(device: torch.device) -> float:
+    """Sustained matmul TFLOP/s in the training dtype (bf16 on CUDA, float32 on the CPU)."""
+    cuda = device.type == "cuda"
+    n, reps = (8192, 20) if cuda else (1024, 5)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
 
 # ---------------------------------------------------------------------------------------------
 # reference-style pipeline
@@ -120,185 +217,412 @@ def reference_replace(
 
 
 # ---------------------------------------------------------------------------------------------
+# phases
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
-def run(args: argparse.Namespace, store: Path) -> dict:
+@dataclasses.dataclass
+class Timed:
+    """Views and seconds of the timed steps of one phase (summed over rounds)."""
+
+    views: int = 0
+    seconds: float = 0.0
+
+    def add(self, views: int, seconds: float) -> None:
+        self.views += views
+        self.seconds += seconds
+
+    @property
+    def rate(self) -> float:
+        return self.views / self.seconds if self.seconds > 0 else float("nan")
+
+
+def bare_phase(trainer: Pretrainer, prepared: PreparedBatch, warmup: int, steps: int) -> float:
+    """Seconds of ``steps`` model steps on one prepared batch (after ``warmup`` steps)."""
+    start = time.perf_counter()
+    for k in range(warmup + steps):
+        if k == warmup:
+            _sync(trainer.device)
+            start = time.perf_counter()
+        trainer.apply_schedules(trainer.step)
+        trainer.train_step([dataclasses.replace(prepared, micro_step=trainer.step)])
+        trainer.step += 1
+    _sync(trainer.device)
+    return time.perf_counter() - start
+
+
+def spcxr_phase(trainer: Pretrainer, warmup: int, steps: int) -> tuple[float, float]:
+    """Seconds of ``steps`` end-to-end steps from the store, and the data-wait fraction."""
+    meter = DataWaitMeter(trainer.device)
+    step_batches = trainer.batches(steps=warmup + steps)
+    start = time.perf_counter()
+    for k in range(warmup + steps):
+        if k == warmup:
+            _sync(trainer.device)
+            meter.fraction()  # the timed window starts here
+            start = time.perf_counter()
+        meter.waiting()
+        batches = next(step_batches)
+        meter.fetched()
+        trainer.apply_schedules(trainer.step)
+        trainer.train_step(batches)
+        trainer.step += 1
+    _sync(trainer.device)
+    seconds = time.perf_counter() - start
+    wait = meter.fraction()
+    step_batches.close()
+    return seconds, float(wait if wait is not None else 0.0)
+
+
+def pipeline_phase(trainer: Pretrainer, warmup: int, steps: int) -> float:
+    """Seconds of ``steps`` batches of the data path alone (loader + augmentation + masking)."""
+    step_batches = trainer.batches(steps=warmup + steps)
+    start = time.perf_counter()
+    for k in range(warmup + steps):
+        if k == warmup:
+            _sync(trainer.device)
+            start = time.perf_counter()
+        for a, micro in enumerate(next(step_batches)):
+            if isinstance(micro, torch.Tensor):  # no prefetcher: prepare here
+                trainer.prepare_batch(micro, k * trainer.config.accum_steps + a)
+    _sync(trainer.device)
+    seconds = time.perf_counter() - start
+    step_batches.close()
+    return seconds
+
+
+def reference_phase(
+    trainer: Pretrainer,
+    store: Path,
+    args: argparse.Namespace,
+    warmup: int,
+    steps: int,
+    seed: int,
+    *,
+    with_model: bool = True,
+) -> tuple[float, float]:
+    """Seconds of ``steps`` reference-style steps (after ``warmup`` ones), data-wait fraction.
+
+    ``with_model=False`` times the data path alone: loader workers + the replacement loop.
+    """
+    device, config = trainer.device, trainer.config
+    model = trainer.model  # eager, as the reference
+    optimizer = torch.optim.AdamW(
+        param_groups(model, config.optim.weight_decay),
+        lr=trainer.base_lr,
+        betas=config.optim.betas,
+    )
+    order = np.random.default_rng(seed).choice(trainer.rows, args.ref_batch_size * (warmup + steps))
+    loader = DataLoader(
+        ReferenceViews(store, config.augment, config.masking),
+        batch_size=args.ref_batch_size,
+        num_workers=args.ref_workers,
+        sampler=order.tolist(),
+        pin_memory=device.type == "cuda",
+    )
+    meter = DataWaitMeter(device)
+    batches = iter(loader)
+    start = time.perf_counter()
+    for k in range(warmup + steps):
+        if k == warmup:
+            _sync(device)
+            meter.fraction()
+            start = time.perf_counter()
+        meter.waiting()
+        clean, corrupted, masks = next(batches)
+        meter.fetched()
+        clean = clean.flatten(0, 1).to(device, non_blocking=True)
+        corrupted = corrupted.flatten(0, 1).to(device, non_blocking=True)
+        masks = masks.flatten(0, 1).to(device, non_blocking=True)
+        corrupted, masks = reference_replace(clean, corrupted, masks, config.masking)
+        if not with_model:
+            continue
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            recon = model(corrupted)
+        loss = reconstruction_loss(recon, clean, masks[:, :1], config.model.loss_on)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    wait = meter.fraction()
+    del batches, loader  # stop its workers before the next phase
+    return seconds, float(wait if wait is not None else 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def build_store(path: Path, images: int, size: int) -> Path:
+    """A prepared store of ``images`` synthetic radiographs of ``size`` px at ``path``."""
+    from spcxr.data.prepare import PrepareConfig, prepare
+    from spcxr.data.synthetic import SyntheticConfig, write_synthetic_dataset
+
+    raw = path.parent / f"{path.name}_raw"
+    listing = write_synthetic_dataset(
+        raw, SyntheticConfig(n_patients=math.ceil(images / 2), images_per_patient=(2, 2), size=size)
+    )
+    # Pretraining reads no lung masks: leave them out of the store (half its size).
+    rows = pd.read_csv(listing)
+    rows["mask_file"] = ""
+    rows.to_csv(listing, index=False)
+    prepare(PrepareConfig(sources=[f"csv:{raw}"], out=str(path), image_size=size, progress=False))
+    shutil.rmtree(raw)  # the store holds the pixels; the PNGs were only its input
+    return path
+
+
+def shared_store(args: argparse.Namespace, info: distributed.DistInfo) -> tuple[Path, bool]:
+    """The store to read: ``--store`` (built there if missing), else a temporary one.
+
+    Rank 0 builds it; the other ranks wait and get its path.
+
+    Returns:
+        The store's path and whether it is a temporary one (to delete at the end).
+    """
+    temporary = args.store is None
+    path = args.store or Path(tempfile.mkdtemp(prefix="spcxr_bench_")) / "store"
+    if info.is_main and not (path / "manifest.parquet").exists():
+        images = args.store_images or 2 * args.batch_size * info.world_size
+        build_store(path, images, args.store_size)
+    if info.distributed:
+        box = [str(path)]
+        dist.broadcast_object_list(box, src=0)
+        path = Path(box[0])
+        distributed.barrier()
+    return path, temporary
+
+
+def _gather(value: float, info: distributed.DistInfo) -> list[float]:
+    if not info.distributed:
+        return [value]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, value)
+    return [float(v) for v in out]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    wall = time.perf_counter()
+    info = distributed.setup(args.device)
+    store, temporary = shared_store(args, info)
+    if args.only_build_store:
+        return None
+    try:
+        result = measure(args, info, store)
+    finally:
+        distributed.barrier()
+        if temporary and info.is_main:
+            shutil.rmtree(store.parent, ignore_errors=True)
+    if result is not None:
+        result["total_s"] = round(time.perf_counter() - wall, 1)
+    return result
+
+
+def measure(
+    args: argparse.Namespace, info: distributed.DistInfo, store: Path
+) -> dict[str, Any] | None:
+    """All phases; the result on rank 0 (``None`` on the other ranks)."""
+    device = info.device
     config = PretrainConfig(
         store=str(store),
-        out=tempfile.mkdtemp(),
+        out=tempfile.mkdtemp(prefix="spcxr_bench_run_"),
+        splits=[],
         model=GMMLConfig(arch=args.arch, img_size=args.img_size, patch_size=args.patch_size),
         optim=OptimConfig(warmup_epochs=0),
-        batch_size=args.batch,
+        batch_size=args.batch_size * info.world_size,
         max_steps=10**6,
         device=args.device,
         workers=args.workers,
+        compile=args.compile,
+        compile_mode=args.compile_mode,
+        fused_optimizer=args.fused,
+        prefetch=args.prefetch,
         progress=False,
         tensorboard=False,
-        splits=[],
     )
     trainer = Pretrainer(config)
-    device = trainer.device
-    views_per_step = args.batch * config.augment.n_views
-    rows = trainer.rows
+    views_per_step = args.batch_size * config.augment.n_views
+    ref_views = args.ref_batch_size * config.augment.n_views
+    # The reference loader's initial backlog (2 batches per worker) arrives before its steady
+    # rate; time at least two full waves of workers after it.
+    ref_warmup = args.ref_warmup if args.ref_warmup is not None else 2 * args.ref_workers + 1
+    ref_steps = (
+        args.ref_steps if args.ref_steps is not None else max(args.steps, 2 * args.ref_workers)
+    )
 
-    model = trainer.model
-    seeds = iter(range(10**6))
+    gflop = gflop_per_view(config.model, config.model.loss_on)
+    mm_tflops = matmul_tflops(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak, peak_source = peak_tflops(name, args.peak_tflops)
 
-    def spcxr_phase(steps: int) -> tuple[list[float], list[float]]:
-        """The real loader + train_step; augmentation+masking also timed alone on each batch."""
-        sampler = EpochBatchSampler(rows, args.batch, seed=next(seeds), total_steps=steps + 1)
-        loader = iter(make_loader(StoreBatches(store), sampler, workers=args.workers))
-        step_times, aug_times = [], []
-        for k in range(steps + 1):  # the first step warms the workers up
-            start = time.perf_counter()
-            batch = next(loader)["images"].to(device)
-            _sync(device)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                trainer.corrupt_batch(batch, trainer.step)
-            _sync(device)
-            aug = time.perf_counter() - t0
-            trainer.train_step([batch])  # redoes the same augmentation + masking inside
-            trainer.step += 1
-            _sync(device)
-            if k:
-                step_times.append(time.perf_counter() - start - aug)
-                aug_times.append(aug)
-        del loader  # stop its workers before the other pipeline runs
-        return step_times, aug_times
+    # One real batch, prepared as in training, for the bare step (same views and masks).
+    first = next(trainer.batches(steps=1))[0]
+    prepared = first if isinstance(first, PreparedBatch) else trainer.prepare_batch(first, 0)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    warmup_s = bare_phase(trainer, prepared, 0, 1)  # compiles, when compiling
 
-    def reference_phase(steps: int) -> list[float]:
-        ref_data = ReferenceViews(store, config.augment, config.masking)
-        order = np.random.default_rng(next(seeds)).choice(rows, args.batch * (steps + 1))
-        loader = iter(
-            DataLoader(ref_data, batch_size=args.batch, num_workers=args.workers, sampler=order)
+    bare, spcxr, pipe, ref, ref_pipe = Timed(), Timed(), Timed(), Timed(), Timed()
+    waits, ref_waits, peak_mem = [], [], 0.0
+    for r in range(args.rounds):
+        bare.add(
+            args.steps * views_per_step, bare_phase(trainer, prepared, args.warmup, args.steps)
         )
-        times = []
-        for k in range(steps + 1):
-            start = time.perf_counter()
-            clean, corrupted, masks = next(loader)
-            clean = clean.flatten(0, 1).to(device)
-            corrupted, masks = corrupted.flatten(0, 1).to(device), masks.flatten(0, 1).to(device)
-            corrupted, masks = reference_replace(clean, corrupted, masks, config.masking)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                recon = model(corrupted)
-            loss = reconstruction_loss(recon, clean, masks[:, :1])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
-            trainer.optimizer.step()
-            trainer.optimizer.zero_grad(set_to_none=True)
-            _sync(device)
-            if k:
-                times.append(time.perf_counter() - start)
-        del loader
-        return times
-
-    def pipeline_only(steps: int) -> tuple[float, float]:
-        """Views/s of each data pipeline alone (no model): the ceiling it puts on a fast step."""
-        sampler = EpochBatchSampler(rows, args.batch, seed=next(seeds), total_steps=steps + 1)
-        loader = iter(make_loader(StoreBatches(store), sampler, workers=args.workers))
-        next(loader)
-        start = time.perf_counter()
-        for k in range(steps):
-            with torch.no_grad():
-                trainer.corrupt_batch(next(loader)["images"].to(device), k)
-        _sync(device)
-        ours = steps * views_per_step / (time.perf_counter() - start)
-        del loader
-        ref_data = ReferenceViews(store, config.augment, config.masking)
-        order = np.random.default_rng(next(seeds)).choice(rows, args.batch * (steps + 1))
-        loader = iter(
-            DataLoader(ref_data, batch_size=args.batch, num_workers=args.workers, sampler=order)
-        )
-        next(loader)
-        start = time.perf_counter()
-        for _ in range(steps):
-            clean, corrupted, masks = next(loader)
-            reference_replace(
-                clean.flatten(0, 1).to(device),
-                corrupted.flatten(0, 1).to(device),
-                masks.flatten(0, 1).to(device),
-                config.masking,
+        seconds, wait = spcxr_phase(trainer, args.warmup, args.steps)
+        spcxr.add(args.steps * views_per_step, seconds)
+        waits.append(wait)
+        pipe.add(args.steps * views_per_step, pipeline_phase(trainer, args.warmup, args.steps))
+        if cuda:  # spcxr's peak (the reference phase below is left out)
+            peak_mem = max(peak_mem, torch.cuda.max_memory_allocated(device) / 2**30)
+        if not args.skip_reference:
+            seconds, wait = reference_phase(trainer, store, args, ref_warmup, ref_steps, seed=r)
+            ref.add(ref_steps * ref_views, seconds)
+            ref_waits.append(wait)
+        if args.reference_pipeline:
+            seconds, _ = reference_phase(
+                trainer, store, args, ref_warmup, ref_steps, seed=100 + r, with_model=False
             )
-        _sync(device)
-        theirs = steps * views_per_step / (time.perf_counter() - start)
-        del loader
-        return ours, theirs
+            ref_pipe.add(ref_steps * ref_views, seconds)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
 
-    spcxr_pipe, ref_pipe = pipeline_only(args.pipeline_steps)
+    rates = {
+        key: _gather(t.rate, info)
+        for key, t in (
+            ("bare", bare),
+            ("spcxr", spcxr),
+            ("pipeline", pipe),
+            ("reference", ref),
+            ("reference_pipeline", ref_pipe),
+        )
+    }
+    wait_all = _gather(float(np.mean(waits)), info)
+    ref_wait_all = _gather(float(np.mean(ref_waits)) if ref_waits else float("nan"), info)
+    mem_all = _gather(peak_mem, info)
+    if not info.is_main:
+        return None
+    total = {key: float(sum(values)) for key, values in rates.items()}
 
-    # Phases A B A B: each pipeline's loader workers run only during its own phase (so one
-    # pipeline's prefetching never steals the CPU from the other), and drift hits both alike.
-    spcxr_times, aug_times, ref_times = [], [], []
-    half = max(1, args.steps // 2)
-    for _ in range(2):
-        step, aug = spcxr_phase(half)
-        spcxr_times += step
-        aug_times += aug
-        ref_times += reference_phase(half)
-    spcxr_vps = views_per_step / float(np.median(spcxr_times))
-    ref_vps = views_per_step / float(np.median(ref_times))
-    aug_share = float(np.median(aug_times)) / float(np.median(spcxr_times))
-    return {
+    def mfu(views_per_s: float, peak_value: float | None) -> float | None:
+        if peak_value is None or not math.isfinite(views_per_s):
+            return None
+        return round(gflop * views_per_s / info.world_size / (peak_value * 1e3), 4)
+
+    def r2(x: float, digits: int = 2) -> float | None:
+        return round(x, digits) if math.isfinite(x) else None
+
+    shutil.rmtree(config.out, ignore_errors=True)  # the trainer's (empty) run folder
+    result = {
         "bench": "pretrain_throughput",
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "tag": args.tag,
+        "device": name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "world_size": info.world_size,
         "threads": torch.get_num_threads(),
         "arch": args.arch,
         "img_size": args.img_size,
         "patch_size": args.patch_size,
-        "batch_images": args.batch,
-        "views_per_step": views_per_step,
+        "batch_images_per_rank": args.batch_size,
+        "views_per_step_per_rank": views_per_step,
+        "dtype": "bf16 autocast" if trainer.amp else "float32",
+        "compile": trainer.compiled,
+        "compile_mode": config.compile_mode if trainer.compiled else None,
+        "fused_optimizer": trainer.fused,
+        "prefetch": trainer.prefetch,
         "workers": args.workers,
+        "warmup": args.warmup,
         "steps": args.steps,
-        "spcxr_views_per_s": round(spcxr_vps, 2),
-        "reference_style_views_per_s": round(ref_vps, 2),
-        "speedup": round(spcxr_vps / ref_vps, 2),
-        "spcxr_aug_mask_share_of_step": round(aug_share, 4),
-        "spcxr_pipeline_only_views_per_s": round(spcxr_pipe, 1),
-        "reference_style_pipeline_only_views_per_s": round(ref_pipe, 1),
-        "spcxr_aug_mask_ms": round(1000 * float(np.median(aug_times)), 1),
-        "spcxr_step_ms": round(1000 * float(np.median(spcxr_times)), 1),
-        "reference_step_ms": round(1000 * float(np.median(ref_times)), 1),
+        "rounds": args.rounds,
+        "ref_workers": args.ref_workers,
+        "ref_batch_images": args.ref_batch_size,
+        "ref_warmup": ref_warmup,
+        "ref_steps": ref_steps,
+        "bare_views_per_s": r2(total["bare"]),
+        "spcxr_views_per_s": r2(total["spcxr"]),
+        "reference_views_per_s": r2(total["reference"]),
+        "spcxr_pipeline_views_per_s": r2(total["pipeline"]),
+        "reference_pipeline_views_per_s": r2(total["reference_pipeline"]),
+        "spcxr_vs_reference": r2(total["spcxr"] / total["reference"]),
+        "spcxr_vs_bare": r2(total["spcxr"] / total["bare"], 3),
+        "data_wait_frac": round(max(wait_all), 4),
+        "reference_data_wait_frac": r2(max(ref_wait_all), 4),
+        "gflop_per_view": round(gflop, 3),
+        "peak_tflops": peak,
+        "peak_source": peak_source,
+        "mfu_bare": mfu(total["bare"], peak),
+        "mfu_spcxr": mfu(total["spcxr"], peak),
+        "matmul_tflops": round(mm_tflops, 3),
+        "mfu_spcxr_vs_matmul": mfu(total["spcxr"], mm_tflops),
+        "peak_memory_gib": round(max(mem_all), 2) if cuda else None,
+        "warmup_s": round(warmup_s, 1),
+        "per_rank_views_per_s": {key: [r2(v) for v in values] for key, values in rates.items()},
+        "store": str(store),
+        "store_images": len(trainer.rows),
     }
+    return result
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--store", type=Path, help="a prepared store (default: a synthetic one)")
-    parser.add_argument("--arch", default="vit_small")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--patch-size", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=16, help="images per step (2 views each)")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument(
-        "--pipeline-steps", type=int, default=10, help="steps of the no-model phase"
-    )
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
+    add = parser.add_argument
+    add("--device", default="auto", help="auto, cpu or cuda")
+    add("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add("--arch", default="vit_small")
+    add("--img-size", type=int, default=224)
+    add("--patch-size", type=int, default=16)
+    add("--batch-size", type=int, default=256, help="images per step per rank (2 views each)")
+    add("--steps", type=int, default=30, help="timed steps per phase and round")
+    add("--warmup", type=int, default=8, help="untimed steps before each phase's timed ones")
+    add("--rounds", type=int, default=1, help="times the phases are repeated, alternating")
+    opt = argparse.BooleanOptionalAction
+    add("--compile", action=opt, default=None, help="torch.compile (default: on CUDA only)")
+    add("--compile-mode", default="default")
+    add("--fused", action=opt, default=None, help="fused AdamW (default: on CUDA only)")
+    add("--prefetch", action=opt, default=None, help="side-stream prefetch (default: CUDA)")
+    add("--workers", type=int, default=min(4, os.cpu_count() or 1), help="spcxr loader workers")
+    add("--ref-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    add("--ref-batch-size", type=int, default=None, help="default: --batch-size")
+    add("--ref-warmup", type=int, default=None, help="default: 2 x ref workers + 1")
+    add("--ref-steps", type=int, default=None, help="default: max(steps, 2 x ref workers)")
+    add("--skip-reference", action="store_true")
+    add("--reference-pipeline", action="store_true", help="also time its data path alone")
+    add("--store", type=Path, help="a prepared store; built there if missing (default: temp)")
+    add("--store-images", type=int, default=None, help="images of a built store (2 batches)")
+    add("--store-size", type=int, default=256, help="image side of a built store")
+    add("--peak-tflops", type=float, default=None, help="device peak for MFU (default: table)")
+    add("--out-dir", type=Path, help="append the JSON line to OUT_DIR/pretrain_throughput.jsonl")
+    add("--tag", default="", help="a label copied into the JSON line")
+    add("--only-build-store", action="store_true", help="build --store, measure nothing")
+    args = parser.parse_args(argv)
+    if args.ref_batch_size is None:
+        args.ref_batch_size = args.batch_size
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     random.seed(0)
     torch.manual_seed(0)
-    store = args.store
-    if store is None:
-        from spcxr.data.prepare import PrepareConfig, prepare
-        from spcxr.data.synthetic import SyntheticConfig, write_synthetic_dataset
-
-        tmp = Path(tempfile.mkdtemp())
-        write_synthetic_dataset(tmp / "synthetic", SyntheticConfig(n_patients=40))
-        prepare(
-            PrepareConfig(
-                sources=[f"csv:{tmp / 'synthetic'}"], out=str(tmp / "store"), progress=False
-            )
-        )
-        store = tmp / "store"
-    result = run(args, store)
-    result["store"] = str(store)
-    print(json.dumps(result))
+    result = run(args)
+    try:
+        if result is not None:
+            line = json.dumps(result)
+            print(line, flush=True)
+            if args.out_dir is not None:
+                args.out_dir.mkdir(parents=True, exist_ok=True)
+                with open(args.out_dir / "pretrain_throughput.jsonl", "a") as f:
+                    f.write(line + "\n")
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,16 @@ result on one process or under ``torchrun`` with DistributedDataParallel.
 Optimisation follows the reference: AdamW without weight decay on biases and 1-D parameters,
 ``lr = base_lr * global_batch / 256`` with a per-iteration linear warm-up and cosine decay,
 weight decay on a cosine from 0.04 to 0.4, gradient clipping at 3.0, bf16 autocast on CUDA.
+
+Fast path (each a :class:`PretrainConfig` flag whose default ``None`` means "on CUDA, off on the
+CPU", so CPU runs compute exactly what they always did): ``torch.compile`` of the model and the
+loss, fused AdamW, and a :class:`~spcxr.data.loader.DevicePrefetcher` that copies the next batch
+from pinned memory and augments and masks it on a side CUDA stream while the current step runs
+(the host syncs of batched masking then no longer drain the training stream). On CUDA TF32
+matmuls and cuDNN autotuning are always on. Attention goes through timm's fused
+``scaled_dot_product_attention`` (flash attention in bf16). None of these change what is
+computed, only how: the same views, masks and loss, up to floating-point summation order
+(``tests/pretrain/test_fastpath.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import logging
 import math
 import platform
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +45,16 @@ from tqdm.auto import tqdm
 from spcxr.atomic import atomic_write_text
 from spcxr.config import save_yaml, to_dict
 from spcxr.data.augment import AugmentConfig, eval_transform, make_views
-from spcxr.data.loader import EpochBatchSampler, StoreBatches, make_loader
+from spcxr.data.loader import (
+    DataWaitMeter,
+    DevicePrefetcher,
+    EpochBatchSampler,
+    StoreBatches,
+    make_loader,
+)
 from spcxr.data.store import PreparedStore
 from spcxr.pretrain.gmml import GMMLConfig, GMMLModel, param_groups, reconstruction_loss_terms
-from spcxr.pretrain.masking import MaskingConfig, corrupt
+from spcxr.pretrain.masking import Corrupted, MaskingConfig, corrupt
 from spcxr.pretrain.rng import BatchRandom, derive_seed
 from spcxr.train import distributed
 from spcxr.train.checkpoint import load_checkpoint, save_checkpoint
@@ -46,6 +63,9 @@ from spcxr.train.schedule import cosine_schedule
 from spcxr.versions import library_versions
 
 log = logging.getLogger(__name__)
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""``torch.compile`` modes (``PretrainConfig.compile_mode``)."""
 
 
 @dataclass
@@ -92,7 +112,13 @@ class PretrainConfig:
         seed: seed of data order, augmentation, masking and initialisation.
         device: ``auto``, ``cpu``, ``cuda``.
         workers: data-loader worker processes per training process.
-        compile: ``torch.compile`` the model.
+        compile: ``torch.compile`` the model and the loss (``None``: on CUDA; off on the CPU,
+            where compiling takes longer than it saves in a short run).
+        compile_mode: ``torch.compile`` mode: "default", "reduce-overhead" (CUDA graphs),
+            "max-autotune" or "max-autotune-no-cudagraphs" (minutes of GEMM autotuning first).
+        fused_optimizer: fused AdamW, one kernel for all parameters (``None``: on CUDA only).
+        prefetch: copy, augment and mask the next batch on a side CUDA stream while the current
+            step runs (``None``: on CUDA only; on the CPU it only reorders the same work).
         grad_checkpointing: recompute blocks in the backward pass (less memory).
         checkpoint_every: steps between checkpoints (one is also written at the end).
         log_every: steps between log lines.
@@ -118,7 +144,10 @@ class PretrainConfig:
     seed: int = 0
     device: str = "auto"
     workers: int = 2
-    compile: bool = False
+    compile: bool | None = None
+    compile_mode: str = "default"
+    fused_optimizer: bool | None = None
+    prefetch: bool | None = None
     grad_checkpointing: bool = False
     checkpoint_every: int = 1000
     log_every: int = 10
@@ -146,8 +175,26 @@ _RESUMABLE = {
     "epochs",
     "device",
     "compile",
+    "compile_mode",
+    "fused_optimizer",
+    "prefetch",
     "grad_checkpointing",
 }
+
+
+@dataclass
+class PreparedBatch:
+    """One micro-batch augmented, masked and corrupted on the device, ready for the model.
+
+    Attributes:
+        micro_step: the micro-step whose random draws made it; it is trained at that step only.
+        views: float32 ``[V, C, S, S]`` clean views (the reconstruction target).
+        corrupted: the corrupted views (the model input) and their masks.
+    """
+
+    micro_step: int
+    views: Tensor
+    corrupted: Corrupted
 
 
 @dataclass
@@ -171,6 +218,30 @@ def versions() -> dict[str, str]:
         info["cuda"] = str(torch.version.cuda)
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def fast_path_flag(flag: bool | None, device: torch.device) -> bool:
+    """A fast-path flag: ``None`` means on for CUDA, off elsewhere."""
+    return device.type == "cuda" if flag is None else bool(flag)
+
+
+def set_optimizer_fused(optimizer: torch.optim.Optimizer, fused: bool) -> None:
+    """Gives every group this run's ``fused`` setting, with step counters where it keeps them.
+
+    ``Optimizer.load_state_dict`` copies the saved groups' options, so a checkpoint written by
+    a fused (CUDA) run would make a resumed CPU run fused and vice versa; this restores the
+    run's own choice after loading. Fused AdamW keeps each ``step`` counter as float32 on the
+    parameter's device, the default implementations as float32 on the CPU (torch's
+    conventions); the counters are moved to match, values unchanged.
+    """
+    for group in optimizer.param_groups:
+        group["fused"] = True if fused else None
+        on_device = fused or bool(group.get("capturable"))
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if state and "step" in state:
+                device = param.device if on_device else torch.device("cpu")
+                state["step"] = torch.as_tensor(state["step"]).to(device, torch.float32)
 
 
 def select_rows(store: PreparedStore, config: PretrainConfig) -> np.ndarray:
@@ -209,9 +280,19 @@ class Pretrainer:
         self.base_lr = config.optim.lr * config.batch_size / 256.0
         self.device = self.dist.device
         self.amp = self.device.type == "cuda"
+        if config.compile_mode not in COMPILE_MODES:
+            raise ValueError(
+                f"compile_mode must be one of {COMPILE_MODES}, got {config.compile_mode!r}"
+            )
+        self.compiled = fast_path_flag(config.compile, self.device)
+        self.fused = fast_path_flag(config.fused_optimizer, self.device)
+        self.prefetch = fast_path_flag(config.prefetch, self.device)
         if self.amp:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+            # Fixed shapes every step: let cuDNN time its algorithms for the patch embedding
+            # and the head's transposed convolution once.
+            torch.backends.cudnn.benchmark = True
 
         torch.manual_seed(derive_seed(config.seed, "init"))
         self.model = GMMLModel(config.model).to(self.device)
@@ -221,6 +302,7 @@ class Pretrainer:
             param_groups(self.model, config.optim.weight_decay),
             lr=self.base_lr,
             betas=config.optim.betas,
+            fused=True if self.fused else None,  # None: torch's default (foreach on CUDA)
         )
         self.step = 0
         self.checkpoint_path = self.run_dir / "checkpoint.pt"
@@ -236,8 +318,11 @@ class Pretrainer:
         if self.dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward_model = DistributedDataParallel(self.model, device_ids=ids)
-        if config.compile:
-            self.forward_model = torch.compile(self.forward_model)
+        self._compiled_loss = None
+        if self.compiled:
+            mode = None if config.compile_mode == "default" else config.compile_mode
+            self.forward_model = torch.compile(self.forward_model, mode=mode)
+            self._compiled_loss = torch.compile(reconstruction_loss_terms)
 
     # ----------------------------------------------------------------------------------------
     # bookkeeping
@@ -267,6 +352,7 @@ class Pretrainer:
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        set_optimizer_fused(self.optimizer, self.fused)
         self.step = int(state["step"])
         log.info("resumed %s at step %d", self.run_dir, self.step)
 
@@ -281,6 +367,12 @@ class Pretrainer:
             "versions": versions(),
             "world_size": self.dist.world_size,
             "device": str(self.device),
+            "fast_path": {
+                "compile": self.compiled,
+                "compile_mode": self.config.compile_mode if self.compiled else None,
+                "fused_optimizer": self.fused,
+                "prefetch": self.prefetch,
+            },
             "data": {
                 "store": str(Path(self.config.store).resolve()),
                 "store_fingerprint": self.store.fingerprint,
@@ -307,7 +399,8 @@ class Pretrainer:
         wd = cosine_schedule(step, self.total_steps, o.weight_decay, o.weight_decay_end)
         return lr, wd
 
-    def _schedules(self, step: int) -> tuple[float, float]:
+    def apply_schedules(self, step: int) -> tuple[float, float]:
+        """Sets the optimiser's learning rate and weight decay for ``step``; returns both."""
         lr, wd = self.lr_wd(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -335,25 +428,47 @@ class Pretrainer:
         chans = self.config.model.in_chans
         return views if chans == 1 else views.expand(-1, chans, -1, -1).contiguous()
 
-    def train_step(self, batches: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """One optimisation step over ``accum_steps`` micro-batches; returns (loss, grad norm)."""
+    @torch.no_grad()
+    def prepare_batch(self, images_u8: Tensor, micro_step: int) -> PreparedBatch:
+        """Augments, masks and corrupts one micro-batch of uint8 images for ``micro_step``.
+
+        Uses no global random generator (every draw comes from the step's
+        :class:`~spcxr.pretrain.rng.BatchRandom`), so it may run ahead of the training step,
+        on another CUDA stream, without changing anything that is computed.
+        """
+        views, corrupted = self.corrupt_batch(images_u8, micro_step)
+        return PreparedBatch(micro_step, views, corrupted)
+
+    def train_step(self, batches: Sequence[Tensor | PreparedBatch]) -> tuple[Tensor, Tensor]:
+        """One optimisation step over ``accum_steps`` micro-batches; returns (loss, grad norm).
+
+        Args:
+            batches: the step's micro-batches: uint8 images ``[b, 1, S, S]`` on the device, or
+                :class:`PreparedBatch` es made for these micro-steps (see :meth:`batches`).
+        """
         config = self.config
+        loss_terms = self._compiled_loss or reconstruction_loss_terms
         total_sum = torch.zeros((), device=self.device)
         total_count = torch.zeros((), device=self.device)
-        for a, images_u8 in enumerate(batches):
+        for a, batch in enumerate(batches):
             micro_step = self.step * config.accum_steps + a
             # Stochastic depth draws from the global RNG: reseed per step so a resumed run
             # redraws exactly what the interrupted one would have.
             torch.manual_seed(derive_seed(config.seed, micro_step, self.dist.rank))
-            with torch.no_grad():
-                views, corrupted = self.corrupt_batch(images_u8, micro_step)
+            if isinstance(batch, Tensor):
+                batch = self.prepare_batch(batch, micro_step)
+            elif batch.micro_step != micro_step:
+                raise ValueError(
+                    f"a batch prepared for micro-step {batch.micro_step} reached micro-step "
+                    f"{micro_step}: its augmentation and masks would not be this step's"
+                )
             sync = a == len(batches) - 1 or not self.dist.distributed
             context = contextlib.nullcontext() if sync else self.forward_model.no_sync()
             with context:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                    recon = self.forward_model(corrupted.images)
-                loss_sum, count = reconstruction_loss_terms(
-                    recon, views, corrupted.mask, config.model.loss_on
+                    recon = self.forward_model(batch.corrupted.images)
+                loss_sum, count = loss_terms(
+                    recon, batch.views, batch.corrupted.mask, config.model.loss_on
                 )
                 # Normalise by the masked-pixel count of the whole global micro-batch: DDP then
                 # averages gradients to exactly the one-process gradient.
@@ -372,23 +487,60 @@ class Pretrainer:
     # ----------------------------------------------------------------------------------------
     # the loop
 
-    def run(self) -> PretrainResult:
+    def batches(self, steps: int | None = None) -> Iterator[list[Tensor | PreparedBatch]]:
+        """The micro-batches of each optimisation step from ``self.step`` on, on the device.
+
+        Loader workers read this process's slice of every global batch from the store
+        (:class:`~spcxr.data.loader.EpochBatchSampler`); each yielded list holds the
+        ``accum_steps`` micro-batches of one step, in order: uint8 images, or with
+        ``prefetch`` :class:`PreparedBatch` es that a
+        :class:`~spcxr.data.loader.DevicePrefetcher` copied, augmented and masked one batch
+        ahead (on a side stream on CUDA).
+
+        Args:
+            steps: optimisation steps to yield (default: up to the end of the run).
+        """
         config = self.config
-        self._write_run_info()
-        logger = RunLogger(self.run_dir, enabled=self.dist.is_main, tensorboard=config.tensorboard)
+        accum = config.accum_steps
+        first_micro = self.step * accum
+        last = self.total_steps if steps is None else self.step + steps
         sampler = EpochBatchSampler(
             self.rows,
             self.micro_global,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
             seed=config.seed,
-            start_step=self.step * config.accum_steps,
-            total_steps=self.total_steps * config.accum_steps,
-            steps_per_epoch=self.steps_per_epoch * config.accum_steps,  # whole optimisation steps
+            start_step=first_micro,
+            total_steps=last * accum,
+            steps_per_epoch=self.steps_per_epoch * accum,  # whole optimisation steps
         )
         loader = make_loader(
             StoreBatches(self.store), sampler, workers=config.workers, pin_memory=self.amp
         )
+        micro_batches: Iterator[Tensor | PreparedBatch]
+        if self.prefetch:
+            micro_batches = iter(
+                DevicePrefetcher(
+                    loader,
+                    self.device,
+                    lambda index, batch: self.prepare_batch(batch["images"], first_micro + index),
+                )
+            )
+        else:
+            micro_batches = (b["images"].to(self.device, non_blocking=True) for b in loader)
+        group: list[Tensor | PreparedBatch] = []
+        for micro in micro_batches:
+            group.append(micro)
+            if len(group) == accum:
+                yield group
+                group = []
+
+    def run(self) -> PretrainResult:
+        config = self.config
+        self._write_run_info()
+        logger = RunLogger(self.run_dir, enabled=self.dist.is_main, tensorboard=config.tensorboard)
+        step_batches = self.batches()
+        wait_meter = DataWaitMeter(self.device)
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -405,15 +557,15 @@ class Pretrainer:
         vps = 0.0
         preview_every = config.preview_every or self.steps_per_epoch
         self.model.train()
-        batches: list[Tensor] = []
         try:
-            for batch in loader:
-                batches.append(batch["images"].to(self.device, non_blocking=True))
-                if len(batches) < config.accum_steps:
-                    continue
-                lr, wd = self._schedules(self.step)
+            while self.step < self.total_steps:
+                wait_meter.waiting()
+                batches = next(step_batches, None)
+                if batches is None:
+                    break
+                wait_meter.fetched()
+                lr, wd = self.apply_schedules(self.step)
                 loss, grad_norm = self.train_step(batches)
-                batches = []
                 # Remember the first non-finite step without a host sync.
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), self.step, bad_step)
                 window_loss += torch.nan_to_num(loss, nan=0.0, posinf=0.0)
@@ -427,17 +579,18 @@ class Pretrainer:
                     vps = window_steps * views_per_step / max(elapsed, 1e-9)
                     mean_loss = float(window_loss) / window_steps
                     losses.append((self.step, mean_loss))
-                    logger.log(
-                        self.step,
-                        {
-                            "loss": mean_loss,
-                            "lr": lr,
-                            "wd": wd,
-                            "views_per_s": vps,
-                            "grad_norm": float(grad_norm),
-                            "epoch": self.step / self.steps_per_epoch,
-                        },
-                    )
+                    record = {
+                        "loss": mean_loss,
+                        "lr": lr,
+                        "wd": wd,
+                        "views_per_s": vps,
+                        "grad_norm": float(grad_norm),
+                        "epoch": self.step / self.steps_per_epoch,
+                    }
+                    data_wait = wait_meter.fraction()  # after the syncs above: no extra wait
+                    if data_wait is not None:
+                        record["data_wait_frac"] = data_wait
+                    logger.log(self.step, record)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", views_s=f"{vps:.0f}")
                     window_loss.zero_()
                     window_steps, window_start = 0, time.perf_counter()
@@ -450,6 +603,7 @@ class Pretrainer:
                 if done:
                     break
         finally:
+            step_batches.close()  # stops the loader workers
             bar.close()
             logger.close()
         encoder_path = self.export() if self.dist.is_main else None
