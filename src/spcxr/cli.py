@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from spcxr import __version__
@@ -70,6 +70,110 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# finetune, segment, evaluate
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from spcxr.tasks.classify import FinetuneConfig, finetune
+
+    info = finetune(resolve(FinetuneConfig, args))
+    train = info["data"]["train"]
+    print(
+        f"run {args.out}: {info['steps']} steps in {info['seconds']:.0f} s on {train['images']} "
+        f"images ({train['patients']} patients); best validation {info['select']} "
+        f"{info['best_value']:.4f} at step {info['best_step']}; model: {args.out}/model"
+    )
+    return 0
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from spcxr.tasks.segment import SegmentConfig, segment
+
+    info = segment(resolve(SegmentConfig, args))
+    train = info["data"]["train"]
+    print(
+        f"run {args.out}: {info['steps']} steps in {info['seconds']:.0f} s on {train['images']} "
+        f"images ({train['patients']} patients); best validation Dice {info['best_value']:.4f} "
+        f"at step {info['best_step']}; model: {args.out}/model"
+    )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from spcxr.tasks.evaluate import EvaluateConfig, evaluate
+    from spcxr.tasks.report import ci_text
+
+    config = resolve(EvaluateConfig, args)
+    results = evaluate(config)
+    for row in results["comparison"]:
+        print(
+            f"{row['setting']}: {row['init']}, budget {row['budget']} ({row['train_images']} "
+            f"images): {row['metric']} {ci_text(row['value'])}"
+        )
+    print(f"report: {Path(config.out) / 'report.md'}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from spcxr.inference import PredictConfig, predict
+
+    config = resolve(PredictConfig, args)
+    frame = predict(config)
+    errors = int((frame["status"] == "error").sum())
+    print(f"{len(frame) - errors} images predicted, {errors} errors: {config.out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from spcxr.export import ExportConfig, export
+
+    out = export(resolve(ExportConfig, args))
+    print(f"exported to {out} (model card: {out / 'MODEL_CARD.md'})")
+    return 0
+
+
+@dataclass
+class StudyCommand:
+    """Run a real-data study from a YAML file (configs/study_*.yaml): prepare, pretrain, tasks.
+
+    Attributes:
+        study: the study's YAML file.
+        only: run only these tasks (names in the file).
+        stop_after: stop after ``prepare`` or ``pretrain``.
+        device: override the file's device (``cpu``, ``cuda``).
+        out: override the file's output folder.
+        inits: override the file's initialisations (e.g. ``scratch`` alone needs no pretraining).
+    """
+
+    study: str = ""
+    only: list[str] = field(default_factory=list)
+    inits: list[str] = field(default_factory=list)
+    stop_after: str = ""
+    device: str = ""
+    out: str = ""
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from spcxr.study import load_study, run_study
+
+    cmd = resolve(StudyCommand, args)
+    overrides = {
+        k: v
+        for k, v in (
+            ("only", cmd.only),
+            ("stop_after", cmd.stop_after),
+            ("device", cmd.device),
+            ("out", cmd.out),
+            ("inits", cmd.inits),
+        )
+        if v
+    }
+    summary = run_study(load_study(cmd.study, overrides))
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # synth
 
 
@@ -112,24 +216,43 @@ class DemoCommand:
     """Run spcxr end to end on the embedded synthetic set, on the CPU in minutes.
 
     Attributes:
-        out: output folder of the demo (synthetic data, store, runs).
+        out: output folder of the demo (synthetic data, store, runs, report.md).
+        data: run the same pipeline on this folder of real images instead (any layout that
+            ``spcxr prepare`` reads); empty: the embedded synthetic set.
         n_patients: synthetic patients to generate.
         seed: random seed.
         steps: GMML pretraining steps.
+        finetune_steps: fine-tuning steps per classifier.
+        segment_steps: segmentation training steps.
+        n_boot: bootstrap replicates of the confidence intervals.
     """
 
     out: str = "demo_out"
+    data: str = ""
     n_patients: int = 120
     seed: int = 0
     steps: int = 150
+    finetune_steps: int = 80
+    segment_steps: int = 100
+    n_boot: int = 500
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from spcxr.demo import run_demo
 
     cmd = resolve(DemoCommand, args)
-    summary = run_demo(Path(cmd.out), n_patients=cmd.n_patients, seed=cmd.seed, steps=cmd.steps)
+    summary = run_demo(
+        Path(cmd.out),
+        n_patients=cmd.n_patients,
+        seed=cmd.seed,
+        steps=cmd.steps,
+        data=cmd.data,
+        finetune_steps=cmd.finetune_steps,
+        segment_steps=cmd.segment_steps,
+        n_boot=cmd.n_boot,
+    )
     print(json.dumps(summary, indent=2))
+    print(f"report: {summary['report']}")
     return 0
 
 
@@ -157,6 +280,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     _register(
         "pretrain", "GMML self-supervised pretraining of a ViT", PretrainConfig, _cmd_pretrain
+    )
+    from spcxr.tasks.classify import FinetuneConfig
+    from spcxr.tasks.evaluate import EvaluateConfig
+    from spcxr.tasks.segment import SegmentConfig
+
+    _register(
+        "finetune",
+        "fine-tune a classifier (or linear-probe) from a GMML encoder or from scratch",
+        FinetuneConfig,
+        _cmd_finetune,
+    )
+    _register(
+        "segment",
+        "train a lung segmenter on a pretrained (or random) ViT",
+        SegmentConfig,
+        _cmd_segment,
+    )
+    _register(
+        "evaluate",
+        "metrics with confidence intervals, drift tables, comparisons and plots",
+        EvaluateConfig,
+        _cmd_evaluate,
+        {"runs": "RUN"},
+    )
+    _register(
+        "study",
+        "run a real-data study (prepare, pretrain, tasks, results page)",
+        StudyCommand,
+        _cmd_study,
+        {"study": "CONFIG"},
     )
     _register("synth", "write the synthetic chest-radiograph set", SynthCommand, _cmd_synth)
     _register("demo", "run spcxr end to end on the embedded synthetic set", DemoCommand, _cmd_demo)

@@ -69,6 +69,8 @@ class FinetuneConfig:
         sites: train and validate on these sites (hospitals) only (empty: all).
         train_split: split the training rows come from.
         val_split: split used for model selection and early stopping.
+        max_val_images: validate on at most this many images (a fixed patient-level,
+            class-stratified subset; 0: all) - validation is run many times per run.
         budget: label budget: ``all``, a fraction (``0.1``, ``10%``), ``N/class`` or ``N``
             images, drawn by whole patients, stratified, nested across sizes for one seed.
         budget_seed: seed of the budget draw (vary it for repeated draws).
@@ -94,6 +96,7 @@ class FinetuneConfig:
     sites: list[str] = field(default_factory=list)
     train_split: str = "train"
     val_split: str = "val"
+    max_val_images: int = 0
     budget: str = "all"
     budget_seed: int = 0
     n_folds: int = 0
@@ -167,6 +170,10 @@ def select_rows(store: PreparedStore, config: FinetuneConfig) -> TaskRows:
             store.indices(config.val_split, source=sources), classes, "val (missing or other label)"
         )
         heldout = np.array([], dtype=np.int64)
+        if config.max_val_images and len(val) > config.max_val_images and not labels.multilabel:
+            frame = m.iloc[val].assign(_y=targets(m, val, labels, classes).astype(str))
+            cap = parse_budget(str(config.max_val_images))
+            val = val[select_budget(frame, cap, seed=config.budget_seed, label_col="_y")]
     if len(train) == 0:
         raise ValueError(
             f"no training rows with a kept label in {config.store} (sources {config.sources or 'all'}, "
@@ -302,6 +309,10 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     select = config.select
     if select == "auto":
         select = "macro_auroc"
+        if not multilabel and len(rows.val) and len(np.unique(rows.y_val)) < 2:
+            # AUROC is undefined on a one-class validation set (tiny sets): select on the loss.
+            log.warning("validation rows hold one class only: selecting on the validation loss")
+            select = "loss"
     higher = select != "loss"
     best_dir = run_dir / "model"
 

@@ -70,7 +70,7 @@ class TrainConfig:
         min_steps: at least this many optimisation steps (small label budgets: an epoch of 20
             images is one step, so a budget curve needs a floor on the steps).
         batch_size: images per step (capped at the number of training images).
-        eval_every: validate every this many steps (0: once per epoch, but at most 25 times).
+        eval_every: validate every this many steps (0: once per epoch, but at most 10 times).
         patience: stop when the validation metric has not improved for this many evaluations
             (0: never stop early).
         seed: seed of initialisation, batch order, augmentation and stochastic depth.
@@ -232,7 +232,7 @@ def fit(
     started = time.perf_counter()
     spe = plan.steps_per_epoch
     total = max(math.ceil(config.epochs * spe), config.min_steps, 1)
-    eval_every = config.eval_every or max(spe, math.ceil(total / 25))
+    eval_every = config.eval_every or max(spe, math.ceil(total / 10))
     warmup = round(config.optim.warmup_epochs * spe)
     warmup = min(warmup, total // 4)  # tiny budgets: never spend the whole run warming up
     base_lr = config.optim.lr * plan.batch_size / 256.0
@@ -308,7 +308,9 @@ def fit(
                 }
                 history.append({"step": step, **record})
                 logger.log(step, record)
-                bar.set_postfix(loss=f"{record['train_loss']:.3f}", **{select: f"{value:.3f}"})
+                bar.set_postfix(
+                    train_loss=f"{record['train_loss']:.3f}", **{f"val_{select}": f"{value:.3f}"}
+                )
                 window, window_n = 0.0, 0
                 save_checkpoint(
                     {

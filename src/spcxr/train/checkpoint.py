@@ -9,6 +9,8 @@ moment (even by SIGKILL) leaves either the old or the new checkpoint, never a to
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise FileNotFoundError(f"{path}: no checkpoint here")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message suggests weights_only=False, i.e. running the file's code: never.
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise ValueError(
+            f"{path}: refused: the checkpoint holds a pickled Python object{what} that is not "
+            "plain tensors, numbers or strings. spcxr reads checkpoints with weights_only=True "
+            "and never runs code from a file; for inference use RUN/model/model.safetensors."
+        ) from None
     except Exception as e:
         raise ValueError(
             f"{path}: not a readable spcxr checkpoint ({type(e).__name__}: {e})"

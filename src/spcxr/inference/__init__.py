@@ -1,0 +1,31 @@
+"""Inference on image files: ``spcxr predict`` (probabilities, lung masks, explanation maps)."""
+
+from spcxr.inference.predict import (
+    IMAGE_SUFFIXES,
+    Decoded,
+    LoadedModel,
+    PredictConfig,
+    PredictStats,
+    Preprocessing,
+    decode,
+    expand_inputs,
+    load_model,
+    model_folder,
+    predict,
+    run_predict,
+)
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "Decoded",
+    "LoadedModel",
+    "PredictConfig",
+    "PredictStats",
+    "Preprocessing",
+    "decode",
+    "expand_inputs",
+    "load_model",
+    "model_folder",
+    "predict",
+    "run_predict",
+]
