@@ -139,7 +139,7 @@ class StudyCommand:
     Attributes:
         study: the study's YAML file.
         only: run only these tasks (names in the file).
-        stop_after: stop after ``prepare`` or ``pretrain``.
+        stop_after: stop after ``prepare``, ``pretrain`` or ``train`` (runs trained, not evaluated).
         device: override the file's device (``cpu``, ``cuda``).
         out: override the file's output folder.
         inits: override the file's initialisations (e.g. ``scratch`` alone needs no pretraining).

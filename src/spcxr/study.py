@@ -283,6 +283,8 @@ class Study:
                 continue
             t0 = time.perf_counter()
             runs = self.train(task)
+            if self.config.stop_after == "train":
+                continue
             results = self.evaluate(task, runs)
             summary["tasks"][task.name] = {
                 "report": str(self.out / "reports" / task.name / "report.md"),
@@ -290,6 +292,8 @@ class Study:
                 "comparison": results["comparison"],
             }
         summary["seconds"] = round(time.perf_counter() - start, 1)
+        if self.config.stop_after == "train":
+            return summary
         if self.config.results and self.pretrain_dir is not None:
             summary["results_page"] = str(write_results_page(self))
         return summary
