@@ -143,11 +143,14 @@ class StudyCommand:
         device: override the file's device (``cpu``, ``cuda``).
         out: override the file's output folder.
         inits: override the file's initialisations (e.g. ``scratch`` alone needs no pretraining).
+        finished_only: evaluate the runs that have finished and leave the others out (listed on
+            the results page) instead of training them.
     """
 
     study: str = ""
     only: list[str] = field(default_factory=list)
     inits: list[str] = field(default_factory=list)
+    finished_only: bool = False
     stop_after: str = ""
     device: str = ""
     out: str = ""
@@ -165,6 +168,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
             ("device", cmd.device),
             ("out", cmd.out),
             ("inits", cmd.inits),
+            ("finished_only", cmd.finished_only),
         )
         if v
     }
@@ -303,6 +307,22 @@ def build_parser() -> argparse.ArgumentParser:
         EvaluateConfig,
         _cmd_evaluate,
         {"runs": "RUN"},
+    )
+    from spcxr.export import ExportConfig
+    from spcxr.inference import PredictConfig
+
+    _register(
+        "predict",
+        "apply a trained run to image files: probabilities, lung masks, explanation maps (CSV)",
+        PredictConfig,
+        _cmd_predict,
+        {"inputs": "INPUT"},
+    )
+    _register(
+        "export",
+        "portable weights: safetensors, timm encoder, ONNX, preprocessing.json, model card",
+        ExportConfig,
+        _cmd_export,
     )
     _register(
         "study",

@@ -83,6 +83,7 @@ class StudyConfig:
     device: str = "auto"
     only: list[str] = field(default_factory=list)
     stop_after: str = ""
+    finished_only: bool = False
 
 
 def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
@@ -133,6 +134,7 @@ class Study:
         self.out = Path(config.out)
         self.store = self.out / "store"
         self.timings: dict[str, float] = {}
+        self.missing: list[str] = []
         self.device = config.device
 
     # -- 1. data
@@ -242,6 +244,10 @@ class Study:
         source = next((t for t in self.config.tasks if t.name == task.reuse), task)
         kind = source.kind
         for run, settings in self.runs_of(task):
+            if not _finished(run) and self.config.finished_only:
+                log.warning("study: %s is not finished; left out (--finished-only)", run)
+                self.missing.append(str(run))
+                continue
             if not _finished(run):
                 log.info("study: training %s", run)
                 if kind == "segment":
@@ -283,7 +289,7 @@ class Study:
                 continue
             t0 = time.perf_counter()
             runs = self.train(task)
-            if self.config.stop_after == "train":
+            if self.config.stop_after == "train" or not runs:
                 continue
             results = self.evaluate(task, runs)
             summary["tasks"][task.name] = {
@@ -410,6 +416,15 @@ def write_results_page(study: Study) -> Path:
             continue
         results = json.loads(metrics_path.read_text())
         lines += _task_section(task, results, report_dir, dest, study)
+    if study.missing:
+        lines += [
+            "## Runs not included",
+            "",
+            "These runs had not finished when this page was written (`--finished-only`):",
+            "",
+            *[f"- `{r}`" for r in study.missing],
+            "",
+        ]
     if config.discussion and Path(config.discussion).is_file():
         lines += ["## Discussion", "", Path(config.discussion).read_text().strip(), ""]
     path = dest / "RESULTS.md"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from functools import partial
 
@@ -161,18 +160,6 @@ def test_bad_arguments() -> None:
 
 
 @pytest.mark.slow
-def test_speed_1000_replicates_2000_rows() -> None:
-    rng = np.random.default_rng(6)
-    y = rng.integers(0, 2, 2000)
-    p1 = np.clip(0.3 * y + 0.7 * rng.random(2000), 0, 1)
-    prob = np.stack([1 - p1, p1], axis=1)
-    fn = partial(classification_metrics, class_names=["neg", "pos"])
-    start = time.perf_counter()
-    bootstrap_ci(fn, np.arange(2000) // 2, n_boot=1000, y_true=y, prob=prob)
-    # ~1 s on the 2-core development machine; the target is < 5 s, slack for busy machines
-    assert time.perf_counter() - start < 10.0
-
-
 def test_fold_summary_t_interval() -> None:
     values = [0.81, 0.77, 0.85, 0.80, 0.79]
     out = fold_summary(values)
