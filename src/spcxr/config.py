@@ -108,6 +108,7 @@ def add_arguments(
             else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         )
         kwargs["help"] = f"{help_text} (default: {default})" if help_text else f"default: {default}"
+        kwargs["help"] = kwargs["help"].replace("%", "%%")  # argparse %-formats help strings
         if dotted in positional:
             kwargs.pop("dest")
             kwargs.pop("metavar")
