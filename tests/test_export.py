@@ -171,7 +171,10 @@ def _malicious(path: Path, marker: Path) -> Path:
 def test_malicious_pickle_checkpoint_is_refused_without_running_code(tmp_path) -> None:
     marker = tmp_path / "pwned"
     ckpt = _malicious(tmp_path / "checkpoint.pt", marker)
-    with pytest.raises(ValueError, match=r"checkpoint\.pt: not a readable spcxr checkpoint"):
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint\.pt: refused: the checkpoint holds a pickled Python object \(io\.open\)",
+    ):
         load_checkpoint(ckpt)
     assert not marker.exists()
     # control: the file really is malicious (full unpickling runs the payload)
@@ -200,6 +203,6 @@ def test_predict_and_export_never_fall_back_to_a_pickle(class_run, tmp_path) -> 
     # and a pretraining run whose checkpoint is a pickle is refused as an initialisation
     from spcxr.models.init import load_init
 
-    with pytest.raises(ValueError, match="not a readable spcxr checkpoint"):
+    with pytest.raises(ValueError, match="refused: the checkpoint holds a pickled Python object"):
         load_init(str(run), arch="vit_tiny", img_size=32, patch_size=8)
     assert not marker.exists()

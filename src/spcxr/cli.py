@@ -235,9 +235,9 @@ class DemoCommand:
     data: str = ""
     n_patients: int = 120
     seed: int = 0
-    steps: int = 150
-    finetune_steps: int = 80
-    segment_steps: int = 100
+    steps: int = 120
+    finetune_steps: int = 60
+    segment_steps: int = 80
     n_boot: int = 500
 
 

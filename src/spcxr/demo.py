@@ -45,8 +45,8 @@ def demo_study_config(
     seed: int,
     source: str,
     synthetic: bool,
-    finetune_steps: int = 80,
-    segment_steps: int = 100,
+    finetune_steps: int = 60,
+    segment_steps: int = 80,
     n_boot: int = 500,
 ):
     """The demo as a study: ViT-Ti/8 at 64 px; everything else at the method's defaults."""
@@ -111,10 +111,10 @@ def run_demo(
     *,
     n_patients: int = 120,
     seed: int = 0,
-    steps: int = 150,
+    steps: int = 120,
     data: str = "",
-    finetune_steps: int = 80,
-    segment_steps: int = 100,
+    finetune_steps: int = 60,
+    segment_steps: int = 80,
     n_boot: int = 500,
     predict_images: int = 4,
 ) -> dict[str, Any]:

@@ -472,14 +472,14 @@ def _task_section(task, results, report_dir: Path, dest: Path, study: Study) -> 
         )
     lines += [
         "",
-        "| setting | init | budget | training images | metric | value [95% CI] |",
-        "|---|---|---|---|---|---|",
+        "| setting | init | budget | training images | tested on | metric | value [95% CI] |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in sorted(results["comparison"], key=lambda r: (r["train_images"], r["init"])):
         folds = f" ({row['folds']} folds)" if row.get("folds") else ""
         lines.append(
             f"| {row['setting']} | {row['init']} | {row['budget']} | {row['train_images']} | "
-            f"{row['metric']}{folds} | {_fmt(row['value'])} |"
+            f"{row.get('tested_on', '')} | {row['metric']}{folds} | {_fmt(row['value'])} |"
         )
     lines.append("")
     # extra per-run metrics for every test source (secondary metrics and drift)

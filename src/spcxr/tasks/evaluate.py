@@ -365,6 +365,18 @@ def _setting_key(entry: dict) -> str:
     return re.sub(r"[-_]?fold\d+$", "", run.name)
 
 
+def _headline_source(entry: dict) -> str:
+    """The evaluation a comparison row shows: all sources pooled, else the (first) training
+    source, else the first tested one (segmentation is never pooled across mask conventions)."""
+    evals = entry["eval"]
+    if "all" in evals:
+        return "all"
+    for source in entry.get("train_sources", []):
+        if source in evals:
+            return source
+    return next(iter(evals))
+
+
 def comparison(results: dict, level: float) -> list[dict[str, Any]]:
     """One row per setting: init, budget, labels used, primary metric with CI.
 
@@ -380,7 +392,7 @@ def comparison(results: dict, level: float) -> list[dict[str, Any]]:
     for key, entries in settings.items():
         first = entries[0]
         evals = first["eval"]
-        pooled = "all" if "all" in evals else next(iter(evals))
+        pooled = _headline_source(first)
         metric = _primary(evals[pooled]["metrics"])
         row = {
             "setting": key,
@@ -389,6 +401,7 @@ def comparison(results: dict, level: float) -> list[dict[str, Any]]:
             "budget": first.get("budget", "all"),
             "train_images": int(np.mean([e["train"]["images"] for e in entries])),
             "metric": metric,
+            "tested_on": pooled,
         }
         if len(entries) > 1 and all(e.get("fold") for e in entries):
             values = [e["eval"][pooled]["metrics"][metric]["value"] for e in entries]

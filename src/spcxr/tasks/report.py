@@ -106,14 +106,15 @@ def _comparison_section(rows: list[dict[str, Any]], out: Path) -> list[str]:
     lines = [
         "## Comparison",
         "",
-        "| setting | initialisation | mode | label budget | training images | metric | value [95% CI] |",
-        "|---|---|---|---|---|---|---|",
+        "| setting | initialisation | mode | label budget | training images | tested on | metric "
+        "| value [95% CI] |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         folds = f" ({r['folds']} folds)" if r.get("folds") else ""
         lines.append(
             f"| {r['setting']} | {r['init']} | {r['mode']} | {r['budget']} | {r['train_images']} "
-            f"| {r['metric']}{folds} | {ci_text(r['value'])} |"
+            f"| {r.get('tested_on', '')} | {r['metric']}{folds} | {ci_text(r['value'])} |"
         )
     lines.append("")
     budgets = {r["train_images"] for r in rows}
