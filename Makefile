@@ -24,8 +24,8 @@ test: install-test
 	$(BIN)/python -m pytest -q
 
 lint: install-test
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 
 bench: install
 	$(BIN)/python bench/prepare_throughput.py
