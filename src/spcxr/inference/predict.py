@@ -58,7 +58,7 @@ from spcxr.data.augment import AugmentConfig, eval_transform
 from spcxr.data.prepare import fit_square
 from spcxr.explain.heatmaps import explain, heatmap_overlay, mask_overlay, save_png, upsample_maps
 from spcxr.io import DicomOptions, ImageReadError, read_image
-from spcxr.tasks.loop import resolve_device
+from spcxr.train.distributed import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -47,8 +47,8 @@ from spcxr.tasks.loop import (
     class_weights,
     fit,
     preprocessing_record,
-    resolve_device,
 )
+from spcxr.train.distributed import resolve_device
 from spcxr.versions import library_versions
 
 log = logging.getLogger(__name__)

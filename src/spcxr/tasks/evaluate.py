@@ -22,12 +22,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from spcxr.atomic import atomic_write_text
 from spcxr.data.store import PreparedStore
 from spcxr.tasks.labels import LabelConfig, targets, usable
-from spcxr.tasks.loop import resolve_device
+from spcxr.train.distributed import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +70,6 @@ class EvaluateConfig:
 
 def _run_name(run: Path) -> str:
     return run.name
-
-
-def _ci_text(entry: dict[str, float] | None, digits: int = 3) -> str:
-    if not entry or entry.get("value") is None or not np.isfinite(entry["value"]):
-        return "n/a"
-    low, high = entry.get("low"), entry.get("high")
-    if low is None or not np.isfinite(low):
-        return f"{entry['value']:.{digits}f}"
-    return f"{entry['value']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 @dataclass
@@ -411,7 +401,3 @@ def comparison(results: dict, level: float) -> list[dict[str, Any]]:
             row["value"] = evals[pooled]["metrics"][metric]
         rows.append(row)
     return rows
-
-
-def load_yaml_config(path: Path) -> dict:
-    return yaml.safe_load(path.read_text())

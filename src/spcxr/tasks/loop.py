@@ -95,12 +95,6 @@ class TrainConfig:
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class StepBatches:
     """The rows of every step: a seeded permutation per epoch, or class-balanced draws.
 

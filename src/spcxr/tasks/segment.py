@@ -39,7 +39,8 @@ from spcxr.models.segmentation import (
 )
 from spcxr.pretrain.rng import derive_seed
 from spcxr.tasks.classify import describe_rows
-from spcxr.tasks.loop import StepBatches, TrainConfig, fit, preprocessing_record, resolve_device
+from spcxr.tasks.loop import StepBatches, TrainConfig, fit, preprocessing_record
+from spcxr.train.distributed import resolve_device
 from spcxr.versions import library_versions
 
 log = logging.getLogger(__name__)
