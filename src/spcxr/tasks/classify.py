@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,8 +44,10 @@ from spcxr.tasks.loop import (
     StepBatches,
     TrainConfig,
     class_weights,
+    finish_run,
     fit,
     preprocessing_record,
+    write_train_rows,
 )
 from spcxr.train.distributed import resolve_device
 from spcxr.versions import library_versions
@@ -368,14 +369,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
-    pd.DataFrame(
-        {
-            "row": rows.train,
-            "image_path": store.manifest["image_path"].iloc[rows.train].to_numpy(),
-            "patient_group": store.manifest["group"].iloc[rows.train].to_numpy(),
-            "pixel_hash": store.manifest["pixel_hash"].iloc[rows.train].to_numpy(),
-        }
-    ).to_csv(run_dir / "train_rows.csv", index=False)
+    write_train_rows(store, rows.train, run_dir)
 
     result = fit(
         model=model,
@@ -392,18 +386,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         num_layers=len(model.encoder.blocks),
         device=device,
     )
-    info.update(
-        {
-            "steps": result.steps,
-            "best_step": result.best_step,
-            "best_value": result.best_value,
-            "stopped_early": result.stopped_early,
-            "seconds": round(result.seconds, 1),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-    )
-    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
-    return info
+    return finish_run(run_dir, info, result)
 
 
 def validation_metrics(

@@ -13,6 +13,7 @@ last checkpoint and continues exactly as the uninterrupted one would have.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -22,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from spcxr.atomic import atomic_write_text
 from spcxr.data.loader import StoreBatches
 from spcxr.data.store import PreparedStore
 from spcxr.pretrain.rng import derive_seed
@@ -340,6 +343,36 @@ def fit(
         stopped_early=stopped_early,
         seconds=time.perf_counter() - started,
     )
+
+
+def write_train_rows(store: PreparedStore, rows: np.ndarray, run_dir: Path) -> None:
+    """``train_rows.csv``: exactly which images a run trained on (``spcxr evaluate`` refuses to
+    score any test image whose pixel hash is in it)."""
+    m = store.manifest
+    pd.DataFrame(
+        {
+            "row": rows,
+            "image_path": m["image_path"].iloc[rows].to_numpy(),
+            "patient_group": m["group"].iloc[rows].to_numpy(),
+            "pixel_hash": m["pixel_hash"].iloc[rows].to_numpy(),
+        }
+    ).to_csv(run_dir / "train_rows.csv", index=False)
+
+
+def finish_run(run_dir: Path, info: dict[str, Any], result: FitResult) -> dict[str, Any]:
+    """Add what :func:`fit` did to the run's record and rewrite ``run.json``."""
+    info.update(
+        {
+            "steps": result.steps,
+            "best_step": result.best_step,
+            "best_value": result.best_value,
+            "stopped_early": result.stopped_early,
+            "seconds": round(result.seconds, 1),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+    )
+    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
+    return info
 
 
 def preprocessing_record(store: PreparedStore, img_size: int) -> dict[str, Any]:

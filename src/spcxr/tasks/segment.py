@@ -39,7 +39,14 @@ from spcxr.models.segmentation import (
 )
 from spcxr.pretrain.rng import derive_seed
 from spcxr.tasks.classify import describe_rows
-from spcxr.tasks.loop import StepBatches, TrainConfig, fit, preprocessing_record
+from spcxr.tasks.loop import (
+    StepBatches,
+    TrainConfig,
+    finish_run,
+    fit,
+    preprocessing_record,
+    write_train_rows,
+)
 from spcxr.train.distributed import resolve_device
 from spcxr.versions import library_versions
 
@@ -291,14 +298,7 @@ def segment(config: SegmentConfig) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
-    pd.DataFrame(
-        {
-            "row": train,
-            "image_path": store.manifest["image_path"].iloc[train].to_numpy(),
-            "patient_group": store.manifest["group"].iloc[train].to_numpy(),
-            "pixel_hash": store.manifest["pixel_hash"].iloc[train].to_numpy(),
-        }
-    ).to_csv(run_dir / "train_rows.csv", index=False)
+    write_train_rows(store, train, run_dir)
     result = fit(
         model=model,
         store=store,
@@ -314,18 +314,7 @@ def segment(config: SegmentConfig) -> dict[str, Any]:
         with_masks=True,
         device=device,
     )
-    info.update(
-        {
-            "steps": result.steps,
-            "best_step": result.best_step,
-            "best_value": result.best_value,
-            "stopped_early": result.stopped_early,
-            "seconds": round(result.seconds, 1),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-    )
-    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
-    return info
+    return finish_run(run_dir, info, result)
 
 
 def evaluate_segmentation_run(run: Path, info: dict, config, out: Path) -> dict[str, Any]:
