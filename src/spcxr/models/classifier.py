@@ -22,9 +22,8 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from spcxr.config import from_dict, to_dict
-from spcxr.models.init import load_exact, load_init, read_model_dir, write_model_dir
-from spcxr.models.vit import create_encoder
+from spcxr.config import to_dict
+from spcxr.models.init import load_exact, load_init, read_task_model, write_model_dir
 
 __all__ = [
     "HEADS",
@@ -241,17 +240,8 @@ def load_classifier(folder: str | os.PathLike[str]) -> tuple[Classifier, dict[st
         ``(classifier in eval mode, model.json contents)``.
     """
     folder = Path(folder)
-    state, meta = read_model_dir(folder)
-    if meta.get("task") != "classification":
-        raise ValueError(f"{folder}: holds a {meta.get('task')!r} model, not a classifier")
-    cfg = from_dict(ClassifierConfig, meta["config"])
-    encoder = create_encoder(
-        cfg.arch,
-        img_size=cfg.img_size,
-        patch_size=cfg.patch_size,
-        in_chans=cfg.in_chans,
-        drop_path_rate=cfg.drop_path_rate,
-        device="meta",  # no random init: every tensor comes from the file
+    state, meta, cfg, encoder = read_task_model(
+        folder, "classification", "classifier", ClassifierConfig
     )
     model = Classifier(
         encoder, meta["num_classes"], cfg.head, cfg.head_dropout, probe_bn=cfg.probe_bn

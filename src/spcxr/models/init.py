@@ -145,6 +145,29 @@ def read_model_dir(folder: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
     return state, meta
 
 
+def read_task_model(folder: str | os.PathLike[str], task: str, noun: str, config_cls: type):
+    """A ``write_model_dir`` folder of ``task``: ``(state, meta, config, encoder)``, the encoder
+    built on the meta device from the config (no random init: every tensor comes from the file).
+    """
+    from spcxr.config import from_dict
+    from spcxr.models.vit import create_encoder
+
+    folder = Path(folder)
+    state, meta = read_model_dir(folder)
+    if meta.get("task") != task:
+        raise ValueError(f"{folder}: holds a {meta.get('task')!r} model, not a {noun}")
+    cfg = from_dict(config_cls, meta["config"])
+    encoder = create_encoder(
+        cfg.arch,
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        drop_path_rate=cfg.drop_path_rate,
+        device="meta",
+    )
+    return state, meta, cfg, encoder
+
+
 def load_exact(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> nn.Module:
     """Loads ``state`` strictly into ``model`` built (at least partly) on the meta device.
 

@@ -34,9 +34,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from spcxr.config import from_dict, to_dict
-from spcxr.models.init import load_exact, load_init, read_model_dir, write_model_dir
-from spcxr.models.vit import create_encoder
+from spcxr.config import to_dict
+from spcxr.models.init import load_exact, load_init, read_task_model, write_model_dir
 from spcxr.pretrain.gmml import map_blocks
 
 __all__ = [
@@ -402,17 +401,8 @@ def load_segmenter(folder: str | os.PathLike[str]) -> tuple[Segmenter, dict[str,
         ``(segmenter in eval mode, model.json contents)``.
     """
     folder = Path(folder)
-    state, meta = read_model_dir(folder)
-    if meta.get("task") != "segmentation":
-        raise ValueError(f"{folder}: holds a {meta.get('task')!r} model, not a segmenter")
-    cfg = from_dict(SegmenterConfig, meta["config"])
-    encoder = create_encoder(
-        cfg.arch,
-        img_size=cfg.img_size,
-        patch_size=cfg.patch_size,
-        in_chans=cfg.in_chans,
-        drop_path_rate=cfg.drop_path_rate,
-        device="meta",  # no random init: every tensor comes from the file
+    state, meta, cfg, encoder = read_task_model(
+        folder, "segmentation", "segmenter", SegmenterConfig
     )
     model = Segmenter(encoder, cfg)
     load_exact(model, state, folder)
