@@ -42,7 +42,7 @@ def main() -> None:
         tmp = Path(tmp)
         kermany = prepare(
             PrepareConfig(
-                sources=[str(args.data / "kermany_pediatric")],
+                sources=[f"kermany_pediatric=folder:{args.data / 'kermany_pediatric/train'}"],
                 out=str(tmp / "k"),
                 image_size=args.image_size,
                 progress=False,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from spcxr import __version__
 from spcxr.config import add_arguments, resolve, save_yaml
+from spcxr.errors import EXIT_FAILED, EXIT_USAGE, USAGE_ERRORS, RunFailed, error_line
 
 # ---------------------------------------------------------------------------------------------
 # prepare
@@ -76,12 +77,13 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from spcxr.tasks.classify import FinetuneConfig, finetune
 
-    info = finetune(resolve(FinetuneConfig, args))
+    config = resolve(FinetuneConfig, args)
+    info = finetune(config)
     train = info["data"]["train"]
     print(
-        f"run {args.out}: {info['steps']} steps in {info['seconds']:.0f} s on {train['images']} "
+        f"run {config.out}: {info['steps']} steps in {info['seconds']:.0f} s on {train['images']} "
         f"images ({train['patients']} patients); best validation {info['select']} "
-        f"{info['best_value']:.4f} at step {info['best_step']}; model: {args.out}/model"
+        f"{info['best_value']:.4f} at step {info['best_step']}; model: {config.out}/model"
     )
     return 0
 
@@ -89,12 +91,13 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_segment(args: argparse.Namespace) -> int:
     from spcxr.tasks.segment import SegmentConfig, segment
 
-    info = segment(resolve(SegmentConfig, args))
+    config = resolve(SegmentConfig, args)
+    info = segment(config)
     train = info["data"]["train"]
     print(
-        f"run {args.out}: {info['steps']} steps in {info['seconds']:.0f} s on {train['images']} "
+        f"run {config.out}: {info['steps']} steps in {info['seconds']:.0f} s on {train['images']} "
         f"images ({train['patients']} patients); best validation Dice {info['best_value']:.4f} "
-        f"at step {info['best_step']}; model: {args.out}/model"
+        f"at step {info['best_step']}; model: {config.out}/model"
     )
     return 0
 
@@ -359,9 +362,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"spcxr {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(
+            f"spcxr {args.command}: interrupted (run the same command to resume)", file=sys.stderr
+        )
+        return 130
+    except USAGE_ERRORS as e:
+        print(f"spcxr {args.command}: error: {error_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except RunFailed as e:
+        print(f"spcxr {args.command}: failed: {error_line(e)}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:
+        # A full disk or an I/O fault mid-run: the atomic writes leave nothing torn, and the
+        # same command resumes once the cause is fixed.
+        print(f"spcxr {args.command}: failed: {error_line(e)}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

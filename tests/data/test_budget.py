@@ -305,7 +305,7 @@ def test_kfold_groups_errors() -> None:
 def test_budgets_on_kermany_patients(shared_data) -> None:
     from spcxr.data.sources import open_source
 
-    source = open_source(str(shared_data / "kermany_pediatric"))
+    source = open_source(str(shared_data / "kermany_pediatric/train"))
     records = [r for r in source.records() if hasattr(r, "patient_id")]
     frame = pd.DataFrame(
         {"group": [r.patient_id for r in records], "label": [r.label for r in records]}

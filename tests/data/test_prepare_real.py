@@ -23,8 +23,10 @@ def _prepare(sources: list[str], out: Path, **kwargs) -> PreparedStore:
 
 @pytest.fixture(scope="module")
 def kermany(shared_data: Path, tmp_path_factory) -> PreparedStore:
+    # The official train folder only: test/ is external test A, never prepared with training data.
     return _prepare(
-        [str(shared_data / "kermany_pediatric")], tmp_path_factory.mktemp("k") / "store"
+        [f"kermany_pediatric=folder:{shared_data / 'kermany_pediatric/train'}"],
+        tmp_path_factory.mktemp("k") / "store",
     )
 
 
