@@ -21,6 +21,21 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _seeded_rngs():
+    """Every test starts from the same global random state, whatever ran before it: a test that
+    draws from torch / numpy / random without its own generator still gives the same numbers in
+    any order and on every run."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The shared real chest X-ray folder; skips the test when it is absent."""

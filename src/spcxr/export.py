@@ -25,10 +25,12 @@ Nothing is unpickled: the model is read from its safetensors file, never from ``
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import json
 import logging
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,7 +280,15 @@ def export(config: ExportConfig) -> Path:
         "pretrained=True)`",
     }
     onnx_record = None
-    if config.onnx:
+    if config.onnx and importlib.util.find_spec("onnx") is None:
+        # onnx is a default dependency; an install without it still gets every other file.
+        print(
+            "spcxr export: ONNX skipped (the onnx package is not installed: "
+            "pip install 'spcxr[onnx]'); every other file was written",
+            file=sys.stderr,
+        )
+        onnx_record = {"file": None, "skipped": "onnx is not installed"}
+    elif config.onnx:
         output = "logits" if loaded.task == "classification" else "mask_logits"
         input_shape = tuple(loaded.meta["input_size"])
         path = export_onnx(
