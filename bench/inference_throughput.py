@@ -12,8 +12,9 @@ Phases, on one device:
   i.e. what ``spcxr predict`` does after a file has been decoded.
 - ``predict``: :func:`spcxr.inference.run_predict` on ``--files`` generated PNG files in a
   temporary folder (``--file-size`` px, 8 bit): reading, ``fit_square``, batching, the model
-  and the CSV, with ``--workers`` decoding threads. Heatmaps are off (they cost
-  ``heatmap_steps + 1`` forward/backward passes per image; see ``spcxr.explain``). The
+  and the CSV, with ``--workers`` decoding threads; heatmaps off (the default), then the same
+  files with ``--heatmaps all`` (``heatmap_steps + 1`` forward/backward passes per image; see
+  ``spcxr.explain``): ``predict_heatmaps_all_images_per_s`` and ``heatmaps_slowdown``. The
   reading/preprocessing share is reported two ways: ``decode_wait_share``, the fraction of the
   wall time the model waited for decoded images (how decode-bound the pipeline is), and
   ``decode_cpu_share``, decoding time (summed over the workers) / (decoding + model time).
@@ -75,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--workers", type=int, default=None, help="decoding threads (default: CPU count, <= 16)")
     add("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     add("--skip-predict", action="store_true", help="only the model and transfer phases")
+    add("--heatmap-steps", type=int, default=16,
+        help="also time predict with --heatmaps all at these steps (0: skip)")  # fmt: skip
     add("--tag", default="", help="free text copied to the JSON line")
     add("--out-dir", type=Path, help="append the JSON line to OUT_DIR/inference.jsonl")
     args = p.parse_args(argv)
@@ -211,21 +214,35 @@ def predict_phase(model: Classifier, args: argparse.Namespace, device: torch.dev
                 )
             )
         write_s = time.perf_counter() - started
-        config = PredictConfig(
-            run=str(root / "run"),
-            inputs=[str(images)],
-            out=str(root / "predictions.csv"),
-            batch_size=min(args.batch_size, 256),
-            device=str(device),
-            heatmaps=False,
-            workers=args.workers,
-            progress=False,
-        )
-        frame, stats = run_predict(config)
-        if (frame["status"] != "ok").any():
-            raise RuntimeError(f"predict failed on some files: {frame[frame.status != 'ok']}")
+        runs = {}
+        # The default (no heatmaps) and `--heatmaps all` on the same files, side by side.
+        for heatmaps in ("off", "all") if args.heatmap_steps else ("off",):
+            config = PredictConfig(
+                run=str(root / "run"),
+                inputs=[str(images)],
+                out=str(root / f"predictions_{heatmaps}.csv"),
+                batch_size=min(args.batch_size, 256),
+                device=str(device),
+                heatmaps=heatmaps,
+                heatmap_steps=max(args.heatmap_steps, 1),
+                workers=args.workers,
+                progress=False,
+            )
+            frame, runs[heatmaps] = run_predict(config)
+            if (frame["status"] != "ok").any():
+                raise RuntimeError(f"predict failed on some files: {frame[frame.status != 'ok']}")
+    stats = runs["off"]
     busy = stats.decode_seconds + stats.model_seconds
+    heat = {}
+    if "all" in runs:
+        with_maps = runs["all"].images / runs["all"].seconds
+        heat = {
+            "predict_heatmaps_all_images_per_s": round(with_maps, 1),
+            "heatmap_steps": args.heatmap_steps,
+            "heatmaps_slowdown": round(stats.images / stats.seconds / with_maps, 1),
+        }
     return {
+        **heat,
         "predict_images_per_s": round(stats.images / stats.seconds, 1),
         "predict_files": stats.images,
         "file_size": args.file_size,

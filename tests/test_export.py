@@ -111,7 +111,7 @@ def test_classifier_export_loads_in_spcxr_timm_and_onnx_runtime(
     # the export is a model folder for spcxr predict: same probabilities as the run
     store = PreparedStore(synth_store)
     files = store.manifest["image_path"].iloc[:4].tolist()
-    common = dict(inputs=files, device="cpu", heatmaps=False, workers=0, progress=False)
+    common = dict(inputs=files, device="cpu", heatmaps="off", workers=0, progress=False)
     a = predict(PredictConfig(run=str(class_run), out=str(tmp_path / "a.csv"), **common))
     b = predict(PredictConfig(run=str(out), out=str(tmp_path / "b.csv"), **common))
     cols = [c for c in a.columns if c.startswith("p_")]

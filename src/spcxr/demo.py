@@ -212,7 +212,14 @@ def _predict_examples(study, store, n: int) -> dict[str, Any]:
             continue
         csv = study.out / "predictions" / f"{task.name}.csv"
         frame = predict(
-            PredictConfig(run=str(run), inputs=files, out=str(csv), device="cpu", progress=False)
+            PredictConfig(
+                run=str(run),
+                inputs=files,
+                out=str(csv),
+                device="cpu",
+                heatmaps="all",
+                progress=False,
+            )
         )
         images = [
             str(csv.parent / f)

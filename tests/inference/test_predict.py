@@ -133,7 +133,7 @@ def test_predict_gives_the_evaluation_paths_probabilities(class_run, synth_store
             out=str(tmp_path / "p.csv"),
             batch_size=7,
             device="cpu",
-            heatmaps=False,
+            heatmaps="off",
             workers=2,
             progress=False,
         )
@@ -175,6 +175,7 @@ def test_unreadable_inputs_get_error_rows_and_the_rest_is_predicted(class_run, t
             out=str(tmp_path / "out" / "preds.csv"),
             batch_size=2,
             device="cpu",
+            heatmaps="all",
             heatmap_steps=2,
             workers=1,
             progress=False,
@@ -202,6 +203,41 @@ def test_unreadable_inputs_get_error_rows_and_the_rest_is_predicted(class_run, t
     assert np.asarray(Image.open(overlay)).shape == (height, width, 3) == (37, 64, 3)
     assert pd.isna(rows.loc[str(corrupt), "heatmap_file"])
     assert np.isfinite(rows.loc[str(good), "heatmap_completeness_gap"])
+
+
+@pytest.mark.parametrize("heatmaps", ["off", "positive", "all"])
+def test_heatmaps_are_drawn_only_on_request(class_run, tmp_path, heatmaps) -> None:
+    files = [str(_png(tmp_path / "in" / f"{i}.png", (40 + 4 * i, 50), seed=i)) for i in range(6)]
+    frame = predict(
+        PredictConfig(
+            run=str(class_run),
+            inputs=files,
+            out=str(tmp_path / "preds.csv"),
+            device="cpu",
+            heatmaps=heatmaps,
+            heatmap_steps=2,
+            workers=0,
+            progress=False,
+        )
+    )
+    assert (frame["status"] == "ok").all()
+    if heatmaps == "off":
+        assert "heatmap_file" not in frame.columns
+        assert not (tmp_path / "preds_heatmaps").exists()
+        return
+    first = frame.columns[frame.columns.str.startswith("p_")][0][2:]
+    wanted = frame["predicted"] != first if heatmaps == "positive" else frame["status"] == "ok"
+    assert frame["heatmap_file"].notna().tolist() == wanted.tolist()
+    if heatmaps == "positive":  # the selection is a real one: some images, not all
+        assert 0 < wanted.sum() < len(wanted), frame["predicted"].tolist()
+    assert np.isfinite(frame.loc[wanted, "heatmap_completeness_gap"]).all()
+    for name in frame.loc[wanted, "heatmap_file"]:
+        assert (tmp_path / name).is_file()
+
+
+def test_predict_rejects_an_unknown_heatmaps_choice() -> None:
+    with pytest.raises(ValueError, match="--heatmaps must be one of off, positive, all"):
+        PredictConfig(heatmaps="some")
 
 
 def test_segmentation_writes_masks_at_the_original_resolution(seg_run, tmp_path) -> None:
@@ -280,7 +316,7 @@ def test_decoding_in_worker_processes_gives_the_same_rows(class_run, tmp_path) -
         run=str(class_run),
         inputs=[str(tmp_path / "in")],
         device="cpu",
-        heatmaps=False,
+        heatmaps="off",
         progress=False,
     )
     threads = predict(PredictConfig(out=str(tmp_path / "t.csv"), workers=2, **common))
@@ -300,6 +336,7 @@ def test_inference_bench_prints_and_appends_one_json_line(tmp_path, capsys) -> N
         "--device", "cpu", "--arch", "vit_tiny", "--img-size", "32", "--patch-size", "8",
         "--batch-size", "4", "--steps", "2", "--warmup", "1", "--files", "6",
         "--file-size", "48", "--workers", "2", "--threads", "1", "--out-dir", str(tmp_path),
+        "--heatmap-steps", "2",
     ]  # fmt: skip
     record = bench.main(args)
     bench.main(args)
@@ -307,6 +344,12 @@ def test_inference_bench_prints_and_appends_one_json_line(tmp_path, capsys) -> N
     saved = [json.loads(x) for x in (tmp_path / "inference.jsonl").read_text().splitlines()]
     assert len(printed) == len(saved) == 2 and saved[0] == record
     assert record["device"] == "cpu" and record["predict_files"] == 6
-    for key in ("model_images_per_s", "transfer_images_per_s", "predict_images_per_s"):
+    for key in (
+        "model_images_per_s",
+        "transfer_images_per_s",
+        "predict_images_per_s",
+        "predict_heatmaps_all_images_per_s",
+    ):
         assert record[key] > 0
+    assert record["heatmap_steps"] == 2 and record["heatmaps_slowdown"] > 0
     assert 0 <= record["decode_wait_share"] <= 1 and 0 <= record["decode_cpu_share"] <= 1

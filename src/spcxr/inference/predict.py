@@ -84,6 +84,9 @@ _MIN_SIDE = 8  # as spcxr prepare: smaller images are unusable
 _MODEL_META = "model.json"
 
 
+HEATMAP_CHOICES = ("off", "positive", "all")
+
+
 @dataclass
 class PredictConfig:
     """Settings of ``spcxr predict`` (every field is a CLI flag and a YAML key).
@@ -97,8 +100,11 @@ class PredictConfig:
         out: the CSV written, one row per image.
         batch_size: images per model batch.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:i]``.
-        heatmaps: write an explanation overlay per image (classification runs; Integrated
-            Gradients of the predicted class, ``heatmap_steps + 1`` forward/backward passes).
+        heatmaps: explanation overlays (classification runs; Integrated Gradients of the
+            predicted class, ``heatmap_steps + 1`` forward/backward passes each, so they cost
+            far more than the prediction): ``off`` (default), ``positive`` (images predicted as
+            anything but the first class, e.g. not ``normal``; multi-label: any finding) or
+            ``all``.
         heatmap_steps: path-integral steps of the explanation maps.
         heatmap_dir: folder of the overlays (default: ``<out stem>_heatmaps`` next to the CSV).
         masks_dir: folder of the masks and mask overlays of segmentation runs (default:
@@ -115,7 +121,7 @@ class PredictConfig:
     out: str = "predictions.csv"
     batch_size: int = 64
     device: str = "auto"
-    heatmaps: bool = True
+    heatmaps: str = "off"
     heatmap_steps: int = 16
     heatmap_dir: str = ""
     masks_dir: str = ""
@@ -124,6 +130,12 @@ class PredictConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.heatmaps, bool):  # `heatmaps: true` in an older YAML file
+            self.heatmaps = "all" if self.heatmaps else "off"
+        if self.heatmaps not in HEATMAP_CHOICES:
+            raise ValueError(
+                f"--heatmaps must be one of {', '.join(HEATMAP_CHOICES)}, got {self.heatmaps!r}"
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.workers < 0:
@@ -488,7 +500,7 @@ class _Predictor:
         # Back-pressure: masks at the original resolution are megabytes each, so a model faster
         # than PNG encoding must not queue them without bound.
         self.max_pending = 4 * config.batch_size
-        self.heatmaps = config.heatmaps and loaded.task == "classification"
+        self.heatmaps = config.heatmaps != "off" and loaded.task == "classification"
 
     def columns(self) -> list[str]:
         cols = ["file", "status", "error", "height", "width"]
@@ -545,24 +557,42 @@ class _Predictor:
                 row["predicted"] = names[int(p.argmax())]
             out.append(row)
         if self.heatmaps:
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
-                found = explain(
-                    self.model,
-                    x,
-                    logits.argmax(dim=1),
-                    steps=self.config.heatmap_steps,
-                    multilabel=self.loaded.multilabel,
-                    max_batch=max(self.config.batch_size, 64),
-                )
-            square = self.loaded.preprocessing.store_image_size
-            heat = upsample_maps(found.maps, square).cpu().numpy()
-            for i, (d, row) in enumerate(zip(ok, out, strict=True)):
-                overlay = heatmap_overlay(_content(d.image, d.box), _content(heat[i], d.box))
-                row["heatmap_file"] = self._write(
-                    overlay, self.heatmap_dir / _output_name(d.file, "heatmap")
-                )
-                row["heatmap_completeness_gap"] = float(found.completeness_gap[i])
+            self._explain(x, logits, prob, ok, out)
         return out
+
+    def _explain(
+        self, x: Tensor, logits: Tensor, prob: Tensor, ok: list[Decoded], out: list[dict]
+    ) -> None:
+        """Explanation overlays for the images that ``--heatmaps`` selects (all or positive)."""
+        if self.config.heatmaps == "all":
+            chosen = torch.ones(len(ok), dtype=torch.bool)
+        elif self.loaded.multilabel:
+            chosen = (prob >= 0.5).any(dim=1)
+        else:
+            chosen = prob.argmax(dim=1) != 0  # the first class is the reference (normal)
+        for row in out:
+            row.update(heatmap_file=None, heatmap_completeness_gap=float("nan"))
+        index = torch.nonzero(chosen).flatten()
+        if len(index) == 0:
+            return
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+            found = explain(
+                self.model,
+                x[index.to(x.device)],
+                logits.argmax(dim=1)[index.to(logits.device)],
+                steps=self.config.heatmap_steps,
+                multilabel=self.loaded.multilabel,
+                max_batch=max(self.config.batch_size, 64),
+            )
+        square = self.loaded.preprocessing.store_image_size
+        heat = upsample_maps(found.maps, square).cpu().numpy()
+        for j, i in enumerate(index.tolist()):
+            d, row = ok[i], out[i]
+            overlay = heatmap_overlay(_content(d.image, d.box), _content(heat[j], d.box))
+            row["heatmap_file"] = self._write(
+                overlay, self.heatmap_dir / _output_name(d.file, "heatmap")
+            )
+            row["heatmap_completeness_gap"] = float(found.completeness_gap[j])
 
     def _segment(self, x: Tensor, ok: list[Decoded]) -> list[dict[str, Any]]:
         with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
