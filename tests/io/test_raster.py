@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import struct
-import time
 import zlib
 from pathlib import Path
 
@@ -205,17 +204,15 @@ def test_multipage_tiff_reads_the_first_page(tmp_path: Path) -> None:
     np.testing.assert_allclose(image.pixels, pages[0] / 255.0, atol=1e-7)
 
 
-def test_kermany_sized_jpeg_reads_in_well_under_2_ms(tmp_path: Path) -> None:
+def test_kermany_sized_rgb_jpeg_reads_as_one_gray_channel(tmp_path: Path) -> None:
+    # Speed is measured in bench/prepare_throughput.py, not here (timed tests flake on busy CPUs).
     yy, xx = np.mgrid[0:224, 0:224]
     gray = (128 + 60 * np.sin(xx / 13) + 40 * np.cos(yy / 17)).astype(np.uint8)
     path = save(tmp_path / "k.jpeg", np.repeat(gray[..., None], 3, axis=2), quality=90)
-    read_raster(path)
-    timings = []
-    for _ in range(50):
-        start = time.perf_counter()
-        read_raster(path)
-        timings.append(time.perf_counter() - start)
-    assert float(np.median(timings)) < 2e-3  # measured about 0.5 ms
+    image = read_raster(path)
+    assert image.pixels.shape == (224, 224) and image.pixels.dtype == np.float32
+    # JPEG at quality 90 keeps a smooth image within a few grey levels
+    assert np.abs(image.pixels * 255 - gray).mean() < 2.0
 
 
 # --- errors ------------------------------------------------------------------------------
