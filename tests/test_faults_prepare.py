@@ -600,6 +600,8 @@ def test_predict_gives_rows_for_links_unreadable_folders_and_huge_images(
     os.symlink("loop_b.png", d / "loop_a.png")
     os.symlink("loop_a.png", d / "loop_b.png")
     os.symlink("nowhere.png", d / "dangling.png")
+    os.symlink("scans_b", d / "scans_a")  # a looping folder link inside an input folder
+    os.symlink("scans_a", d / "scans_b")
     (tmp_path / "named").mkdir()
     os.symlink("l2", tmp_path / "named" / "l1")
     os.symlink("l1", tmp_path / "named" / "l2")
@@ -619,6 +621,8 @@ def test_predict_gives_rows_for_links_unreadable_folders_and_huge_images(
         str(d / "dangling.png"): "dangling symbolic link (its target does not exist)",
         str(d / "loop_a.png"): "symbolic link loop",
         str(d / "loop_b.png"): "symbolic link loop",
+        str(d / "scans_a"): "symbolic link loop",
+        str(d / "scans_b"): "symbolic link loop",
         str(d / "sub"): "cannot list folder: Permission denied",
         str(tmp_path / "named" / "l1"): "symbolic link loop",
     }
@@ -654,6 +658,28 @@ def test_predict_into_a_read_only_folder_or_a_full_disk_is_one_line(
     assert rc == 1
     assert_one_line(lines, "spcxr predict: failed:", "No space left on device", str(out))
     assert not orphans(out.parent) and not out.exists()
+
+
+def test_predict_on_a_full_disk_while_writing_overlays_names_the_file(
+    class_run, tmp_path, capsys, monkeypatch
+):
+    import importlib
+
+    predict_module = importlib.import_module("spcxr.inference.predict")  # not the function
+
+    image = png16(tmp_path / "in" / "a.png", (40, 40))
+    out = tmp_path / "pred.csv"
+
+    def full(array, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(predict_module, "save_png", full)
+    argv = _predict_argv(class_run, out, str(image))
+    argv[argv.index("--no-heatmaps")] = "--heatmaps"
+    rc, lines = run_cli([*argv, "--heatmap-steps", "1"], capsys)
+    assert rc == 1
+    assert_one_line(lines, "No space left on device", str(tmp_path / "pred_heatmaps"), "a_")
+    assert not out.exists() and not orphans(tmp_path)
 
 
 @ROOT_SKIP

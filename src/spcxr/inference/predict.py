@@ -184,6 +184,10 @@ def _folder_images(folder: Path, problems: list[tuple[str, str]]) -> Iterator[Pa
             path = Path(root) / name
             if path.suffix.lower() in IMAGE_SUFFIXES or _looks_like_dicom(path):
                 yield path
+            elif (reason := _link_problem(path)) is not None:
+                # os.walk lists a looping or dangling link (to a folder, an extensionless
+                # DICOM, ...) as a file: report it rather than drop it.
+                problems.append((str(path), reason))
 
 
 def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -539,7 +543,7 @@ class _Predictor:
     def _write(self, array: np.ndarray, path: Path) -> str:
         while self.writes and (self.writes[0].done() or len(self.writes) >= self.max_pending):
             self.writes.popleft().result()  # a failed write (disk full, ...) fails the run
-        self.writes.append(self.writer.submit(save_png, array, path))
+        self.writes.append(self.writer.submit(_save_png_named, array, path))
         return _shown(path, self.base)
 
     def close(self) -> None:
@@ -632,6 +636,12 @@ class _Predictor:
                 }
             )
         return out
+
+
+def _save_png_named(array: np.ndarray, path: Path) -> Path:
+    """:func:`save_png`; an OS error (a full disk) names the file."""
+    with naming(path):
+        return save_png(array, path)
 
 
 def _error_row(file: str, reason: str) -> dict[str, Any]:
