@@ -25,9 +25,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from spcxr.data.prepare import PrepareConfig, prepare
 
     config = resolve(PrepareConfig, args)
-    if not config.sources:
-        raise SystemExit("spcxr prepare: name at least one SOURCE ([NAME=][TYPE:]PATH)")
-    result = prepare(config)
+    result = prepare(config)  # no SOURCE, a bad flag value: UsageError (exit status 2)
     save_yaml(config, Path(config.out) / "prepare_config.yaml")
     _print_prepare(result)
     if config.strict and result.n_errors:

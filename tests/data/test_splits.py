@@ -126,7 +126,19 @@ def test_leakage_check_fails_loudly() -> None:
 
 
 def test_bad_config_is_rejected() -> None:
-    with pytest.raises(ValueError, match="split mode"):
+    with pytest.raises(ValueError, match="--split-mode"):
         SplitConfig(mode="by_image")
-    with pytest.raises(ValueError, match="fractions"):
+    with pytest.raises(ValueError, match="--split-fractions"):
         SplitConfig(fractions=(0.5, 0.5))
+    with pytest.raises(ValueError, match=r"--split-fractions 0\.5 0\.5 0\.5 sum to 1\.5, not 1"):
+        SplitConfig(fractions=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="--split-n-folds"):
+        SplitConfig(n_folds=-1)
+    assert SplitConfig(fractions=(0.6, 0.1, 0.3)).fractions == (0.6, 0.1, 0.3)  # 0.9999999...
+    assert SplitConfig(stratify="none").stratify is None
+
+
+def test_unknown_stratify_column_names_the_flag_and_the_columns() -> None:
+    m = _manifest(10)
+    with pytest.raises(ValueError, match=r"--split-stratify: no manifest column 'lable'.*label"):
+        assign_splits(m, patient_groups(m), SplitConfig(stratify="lable"))

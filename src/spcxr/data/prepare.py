@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from spcxr import __version__
-from spcxr.atomic import atomic_path, atomic_write_text
+from spcxr.atomic import atomic_path
 from spcxr.data.dedup import DedupConfig, find_duplicates
 from spcxr.data.records import Record, Skip
 from spcxr.data.splits import SplitConfig, assign_splits, check_leakage, patient_groups
@@ -40,13 +40,49 @@ from spcxr.data.store import (
     atomic_save_npy,
     atomic_write_parquet,
     fingerprint_manifest,
+    naming,
+    open_npy,
+    write_text_named,
 )
-from spcxr.io import DicomOptions, ImageReadError, read_image, read_mask
+from spcxr.errors import RunFailed, UsageError
+from spcxr.io import DEFAULT_MAX_PIXELS, DicomOptions, ImageReadError, read_image, read_mask
 from spcxr.versions import library_versions
 
 log = logging.getLogger(__name__)
 
 ERROR_COLUMNS = ["path", "source", "stage", "reason"]
+#: Columns of every manifest row written by :func:`process_record` (the split settings may
+#: stratify on any of them).
+ROW_COLUMNS = (
+    "image_path",
+    "source",
+    "site",
+    "patient_id",
+    "label",
+    "sublabel",
+    "findings",
+    "view",
+    "sex",
+    "age",
+    "official_split",
+    "mask_paths",
+    "has_mask",
+    "format",
+    "orig_height",
+    "orig_width",
+    "bits_stored",
+    "photometric",
+    "windowing",
+    "box_top",
+    "box_left",
+    "box_height",
+    "box_width",
+    "pixel_hash",
+    "phash",
+    "extra",
+)
+#: Smallest ``--image-size``: below it nothing of a radiograph is left to learn from.
+MIN_IMAGE_SIZE = 16
 DECODING_PACKAGES = (
     "numpy",
     "pillow",
@@ -75,6 +111,9 @@ class PrepareConfig:
         options: source options ``key=value`` (all sources) or ``NAME.key=value`` (one source).
         dicom_windowing: DICOM VOI handling (see :class:`spcxr.io.DicomOptions`).
         dicom_percentiles: robust window percentiles when the header has no VOI.
+        max_pixels: refuse an image whose header declares more pixels (an errors.csv row,
+            stage ``read``), before decoding it: one 13,000 x 13,000 16-bit PNG would take
+            several GB per worker. 0: no limit.
         split: patient-level split settings.
         dedup: duplicate detection settings.
         progress: show a progress bar.
@@ -90,9 +129,26 @@ class PrepareConfig:
     options: list[str] = field(default_factory=list)
     dicom_windowing: str = "auto"
     dicom_percentiles: tuple[float, float] = (0.5, 99.5)
+    max_pixels: int = DEFAULT_MAX_PIXELS
     split: SplitConfig = field(default_factory=SplitConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise UsageError(f"--image-size must be >= {MIN_IMAGE_SIZE}, got {self.image_size}")
+        if self.chunk_size < 1:
+            raise UsageError(f"--chunk-size must be >= 1, got {self.chunk_size}")
+        if self.workers < 0:
+            raise UsageError(f"--workers must be >= 0 (0: all cores), got {self.workers}")
+        if self.max_pixels < 0:
+            raise UsageError(f"--max-pixels must be >= 0 (0: no limit), got {self.max_pixels}")
+        stratify = self.split.stratify
+        if stratify is not None and stratify not in ROW_COLUMNS:
+            raise UsageError(
+                f"--split-stratify: no manifest column {stratify!r}; columns: "
+                f"{', '.join(ROW_COLUMNS)} (or none)"
+            )
 
 
 @dataclass
@@ -167,17 +223,21 @@ def perceptual_hash(image_u8: np.ndarray, box: tuple[int, int, int, int]) -> int
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(size: int, dicom: DicomOptions) -> None:
+def _init_worker(size: int, dicom: DicomOptions, max_pixels: int | None) -> None:
     _WORKER["size"] = size
     _WORKER["dicom"] = dicom
+    _WORKER["max_pixels"] = max_pixels
 
 
 def process_record(
-    record: Record, size: int, dicom: DicomOptions
+    record: Record, size: int, dicom: DicomOptions, max_pixels: int | None = None
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None] | Skip:
-    """Read one record's image (+ masks) and turn it into a manifest row and store arrays."""
+    """Read one record's image (+ masks) and turn it into a manifest row and store arrays.
+
+    ``max_pixels`` refuses images (and masks) by their header size, before decoding.
+    """
     try:
-        loaded = read_image(record.image_path, dicom=dicom)
+        loaded = read_image(record.image_path, dicom=dicom, max_pixels=max_pixels)
     except ImageReadError as e:
         return Skip(record.image_path, record.source, f"read: {e.reason}")
     except Exception as e:  # a decoder bug must not stop a million-image batch
@@ -188,7 +248,7 @@ def process_record(
     mask = None
     for mask_path in record.mask_paths:
         try:
-            part = read_mask(mask_path, shape=pixels.shape)
+            part = read_mask(mask_path, shape=pixels.shape, max_pixels=max_pixels)
         except ImageReadError as e:
             return Skip(record.image_path, record.source, f"mask: {e}")
         mask = part if mask is None else (mask | part)
@@ -233,7 +293,7 @@ def process_record(
 
 
 def _work(record: Record):
-    return process_record(record, _WORKER["size"], _WORKER["dicom"])
+    return process_record(record, _WORKER["size"], _WORKER["dicom"], _WORKER["max_pixels"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,10 +308,12 @@ class Chunk:
     source: str
     records: list[Record]
 
-    def key(self, size: int, dicom: DicomOptions) -> str:
+    def key(self, size: int, dicom: DicomOptions, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
         """Content key: changes if the records or the per-image settings change."""
         h = hashlib.blake2b(digest_size=12)
         h.update(f"{STORE_VERSION};{size};{asdict(dicom)}".encode())
+        if max_pixels != DEFAULT_MAX_PIXELS:  # keys of stores made before the limit still hold
+            h.update(f";max_pixels={max_pixels}".encode())
         for r in self.records:
             h.update(json.dumps(asdict(r), sort_keys=True, default=str).encode())
         return h.hexdigest()
@@ -265,13 +327,30 @@ def make_chunks(source: str, records: list[Record], chunk_size: int) -> list[Chu
 
 
 def _chunk_done(shards: Path, chunk: Chunk, key: str) -> bool:
+    """True if the chunk's rows file has ``key`` and its image / mask shards are intact (a
+    truncated shard, e.g. from a partial copy, makes the chunk run again)."""
     path = shards / f"{chunk.name}.parquet"
     if not path.is_file():
         return False
     import pyarrow.parquet as pq
 
-    stored = (pq.read_schema(path).metadata or {}).get(b"spcxr_chunk_key", b"").decode()
-    return stored == key
+    try:
+        stored = (pq.read_schema(path).metadata or {}).get(b"spcxr_chunk_key", b"").decode()
+        n_rows = pq.read_metadata(path).num_rows
+    except (OSError, ValueError):  # an unreadable rows file: redo the chunk
+        return False
+    if stored != key:
+        return False
+    for kind in ("images", "masks"):
+        array_path = shards / f"{chunk.name}.{kind}.npy"
+        if kind == "masks" and not array_path.is_file():
+            continue
+        try:
+            if open_npy(array_path).shape[0] != n_rows:
+                return False
+        except (OSError, ValueError):
+            return False
+    return True
 
 
 def _write_chunk(
@@ -297,7 +376,7 @@ def _write_chunk(
         [(s.path, s.source, s.reason.split(":", 1)[0], s.reason) for s in skips],
         columns=ERROR_COLUMNS,
     )
-    atomic_write_text(shards / f"{chunk.name}.errors.csv", errors.to_csv(index=False))
+    write_text_named(shards / f"{chunk.name}.errors.csv", errors.to_csv(index=False))
     rows = pd.DataFrame([g[0] for g in good])
     if len(rows):
         rows["shard"] = chunk.name
@@ -306,12 +385,59 @@ def _write_chunk(
     table = table.replace_schema_metadata(
         {**(table.schema.metadata or {}), b"spcxr_chunk_key": key.encode()}
     )
-    with atomic_path(shards / f"{chunk.name}.parquet") as tmp:  # last: marks the chunk done
+    rows_path = shards / f"{chunk.name}.parquet"
+    with naming(rows_path), atomic_path(rows_path) as tmp:  # last: marks the chunk done
         pq.write_table(table, tmp)
 
 
 # ---------------------------------------------------------------------------------------------
 # the run
+
+
+def _option_key(pair: str) -> tuple[str | None, str]:
+    """``"NAME.key=value"`` -> ``("NAME", "key")``, ``"key=value"`` -> ``(None, "key")``.
+
+    Raises:
+        UsageError: naming ``--options`` for a pair without ``=`` or with an empty key.
+    """
+    key, sep, _ = pair.partition("=")
+    prefix, dot, rest = key.partition(".")
+    name, key = (prefix.strip(), rest) if dot else (None, key)
+    key = key.strip().replace("-", "_")
+    if not sep or not key or name == "":
+        raise UsageError(f"--options {pair!r}: expected KEY=VALUE or NAME.KEY=VALUE")
+    return name, key
+
+
+def check_options(options: list[str], accepted: dict[str, set[str]]) -> None:
+    """Refuse an ``--options`` pair that no named source would use.
+
+    An unprefixed key must be an option of at least one source; ``NAME.key`` needs a source
+    called ``NAME`` that has option ``key``. Silently dropping a misspelt option would run the
+    whole preparation with the default instead.
+
+    Args:
+        options: the ``--options`` pairs.
+        accepted: source name -> the option names its adapter knows.
+    """
+    known = sorted(set().union(*accepted.values())) if accepted else []
+    for pair in options:
+        name, key = _option_key(pair)
+        if name is None and key not in known:
+            raise UsageError(
+                f"--options {pair!r}: no source has option {key!r}; known options: "
+                f"{', '.join(known)}"
+            )
+        if name is not None and name not in accepted:
+            raise UsageError(
+                f"--options {pair!r}: no source is called {name!r}; sources: "
+                f"{', '.join(sorted(accepted))}"
+            )
+        if name is not None and key not in accepted[name]:
+            raise UsageError(
+                f"--options {pair!r}: source {name!r} has no option {key!r}; its options: "
+                f"{', '.join(sorted(accepted[name]))}"
+            )
 
 
 def _source_options(config: PrepareConfig, name: str, accepted: set[str]) -> dict[str, Any]:
@@ -321,14 +447,16 @@ def _source_options(config: PrepareConfig, name: str, accepted: set[str]) -> dic
 
     shared, own = [], []
     for pair in config.options:
-        key = pair.split("=", 1)[0]
-        prefix, dot, _ = key.partition(".")
-        if dot:
+        prefix, key = _option_key(pair)
+        if prefix is not None:
             if prefix == name:
                 own.append(pair.split(".", 1)[1])
         elif key in accepted:
             shared.append(pair)
-    return {**parse_options(shared), **parse_options(own)}
+    try:
+        return {**parse_options(shared), **parse_options(own)}
+    except ValueError as err:
+        raise UsageError(f"--options: {err}") from err
 
 
 def _split_spec(spec: str) -> tuple[str | None, str]:
@@ -348,28 +476,67 @@ def list_records(
     records: dict[str, list[Record]] = {}
     skips: dict[str, list[Skip]] = {}
     specs: dict[str, str] = {}
+    opened = []
+    accepted: dict[str, set[str]] = {}
     for spec in config.sources:
         name, rest = _split_spec(spec)
-        naming = {"source_name": name} if name else {}
-        adapter = open_source(rest, **naming)
+        named = {"source_name": name} if name else {}
+        adapter = open_source(rest, **named)
+        if adapter.source in accepted:
+            raise UsageError(
+                f"two sources are both called {adapter.source!r}; name them: NAME={spec}"
+            )
+        accepted[adapter.source] = set(adapter._common_defaults) | set(adapter.defaults)
+        opened.append((spec, rest, named, adapter))
+    check_options(config.options, accepted)
+    for spec, rest, named, adapter in opened:
         source_name = adapter.source
-        accepted = set(adapter._common_defaults) | set(adapter.defaults)
-        options = _source_options(config, source_name, accepted)
+        options = _source_options(config, source_name, accepted[source_name])
         if options:
-            adapter = open_source(rest, **naming, **options)
-        if source_name in records:
-            raise ValueError(f"two sources are both called {source_name!r}; name them: NAME={spec}")
+            adapter = open_source(rest, **named, **options)
         records[source_name], skips[source_name] = [], []
         for item in adapter.records():
             (skips if isinstance(item, Skip) else records)[source_name].append(item)
+            if isinstance(item, Record):
+                skips[source_name] += _missing_mask_rows(item)
         specs[source_name] = spec
     return records, skips, specs
+
+
+def _missing_mask_rows(record: Record) -> list[Skip]:
+    """One errors.csv row (stage ``mask``) per mask file a listing named but could not find.
+
+    The image itself is kept, without that mask: it still serves classification and
+    pretraining, and ``has_mask`` keeps it out of segmentation when it has no mask at all.
+    """
+    return [
+        Skip(
+            path, record.source, f"mask: file not found; image {record.image_path} kept without it"
+        )
+        for path in record.extra.get("missing_masks", [])
+    ]
+
+
+def _listing_stage(reason: str) -> str:
+    return "mask" if reason.startswith("mask:") else "list"
 
 
 def prepare(config: PrepareConfig) -> PrepareResult:
     """Build or extend a prepared store (resumable; see the module docstring)."""
     start = time.perf_counter()
     root = Path(config.out)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--out {root}: exists and is not a folder; name a (new) store folder")
+    if not config.sources:
+        raise UsageError("prepare: name at least one SOURCE ([NAME=][TYPE:]PATH)")
+    try:
+        dicom = DicomOptions(
+            windowing=config.dicom_windowing, percentiles=tuple(config.dicom_percentiles)
+        )
+    except ValueError as err:
+        raise UsageError(f"--dicom-windowing / --dicom-percentiles: {err}") from err
+    # Listing first: a bad source or --options value is refused before anything is written.
+    records, listing_skips, specs = list_records(config)
     if config.overwrite and root.exists():
         import shutil
 
@@ -379,14 +546,10 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     meta_path = root / "store.json"
     meta: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if meta and int(meta.get("image_size", config.image_size)) != config.image_size:
-        raise ValueError(
-            f"{root}: store has image size {meta['image_size']}, asked for {config.image_size}; "
-            "use another --out or --overwrite"
+        raise UsageError(
+            f"{root}: store has image size {meta['image_size']}, asked for --image-size "
+            f"{config.image_size}; use another --out or --overwrite"
         )
-    dicom = DicomOptions(
-        windowing=config.dicom_windowing, percentiles=tuple(config.dicom_percentiles)
-    )
-    records, listing_skips, specs = list_records(config)
 
     sources_meta: dict[str, Any] = dict(meta.get("sources", {}))
     all_chunks: list[tuple[Chunk, str]] = []
@@ -398,11 +561,11 @@ def prepare(config: PrepareConfig) -> PrepareResult:
             "records": len(recs),
         }
         errors = pd.DataFrame(
-            [(s.path, s.source, "list", s.reason) for s in listing_skips[name]],
+            [(s.path, s.source, _listing_stage(s.reason), s.reason) for s in listing_skips[name]],
             columns=ERROR_COLUMNS,
         )
-        atomic_write_text(shards / f"{name}.listing-errors.csv", errors.to_csv(index=False))
-        all_chunks += [(c, c.key(config.image_size, dicom)) for c in chunks]
+        write_text_named(shards / f"{name}.listing-errors.csv", errors.to_csv(index=False))
+        all_chunks += [(c, c.key(config.image_size, dicom, config.max_pixels)) for c in chunks]
     meta.update(
         format=STORE_FORMAT,
         version=STORE_VERSION,
@@ -411,7 +574,7 @@ def prepare(config: PrepareConfig) -> PrepareResult:
         spcxr_version=__version__,
     )
     meta.pop("fingerprint", None)  # not final until the manifest is rewritten
-    atomic_write_text(meta_path, json.dumps(meta, indent=2, default=str))
+    write_text_named(meta_path, json.dumps(meta, indent=2, default=str))
 
     pending = [(c, k) for c, k in all_chunks if not _chunk_done(shards, c, k)]
     n_resumed = len(all_chunks) - len(pending)
@@ -448,6 +611,7 @@ def _run_chunks(
     if not pending:
         return
     workers = config.workers or os.cpu_count() or 1
+    max_pixels = config.max_pixels or None
     flat: Iterable[Record] = (r for c, _ in pending for r in c.records)
     bar = tqdm(
         total=n_todo, desc="prepare", unit="img", disable=not config.progress, smoothing=0.05
@@ -466,13 +630,13 @@ def _run_chunks(
             chunk, key = next(chunk_iter, (None, None))
 
     if workers == 1:
-        _init_worker(config.image_size, dicom)
+        _init_worker(config.image_size, dicom, max_pixels)
         for record in flat:
             consume(_work(record))
     else:
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
         with ctx.Pool(
-            workers, initializer=_init_worker, initargs=(config.image_size, dicom)
+            workers, initializer=_init_worker, initargs=(config.image_size, dicom, max_pixels)
         ) as pool:
             for result in pool.imap(_work, flat, chunksize=8):
                 consume(result)
@@ -486,7 +650,7 @@ def finalize(root: Path, config: PrepareConfig) -> dict[str, Any]:
     chunk_names = [c for s in meta["sources"].values() for c in s["chunks"]]
     missing = [c for c in chunk_names if not (shards / f"{c}.parquet").is_file()]
     if missing:
-        raise RuntimeError(f"{root}: chunks not finished: {missing[:5]}; run prepare again")
+        raise RunFailed(f"{root}: chunks not finished: {missing[:5]}; run prepare again")
     parts = [pd.read_parquet(shards / f"{c}.parquet") for c in chunk_names]
     manifest = (
         pd.concat([p for p in parts if len(p)], ignore_index=True)
@@ -499,8 +663,10 @@ def finalize(root: Path, config: PrepareConfig) -> dict[str, Any]:
         ignore_index=True,
     )
     if manifest.empty:
-        raise RuntimeError(
-            f"{root}: no image could be prepared ({len(errors)} skipped; see errors.csv)"
+        atomic_errors = root / "errors.csv"
+        write_text_named(atomic_errors, errors.to_csv(index=False))
+        raise RunFailed(
+            f"{root}: no image could be prepared ({len(errors)} skipped; see {atomic_errors})"
         )
 
     manifest["index"] = np.arange(len(manifest), dtype=np.int64)
@@ -515,17 +681,17 @@ def finalize(root: Path, config: PrepareConfig) -> dict[str, Any]:
     check_leakage(manifest)
 
     atomic_write_parquet(root / "manifest.parquet", manifest)
-    atomic_write_text(root / "errors.csv", errors.to_csv(index=False))
+    write_text_named(root / "errors.csv", errors.to_csv(index=False))
     dup_table = _describe_pairs(pairs, manifest)
-    atomic_write_text(root / "duplicates.csv", dup_table.to_csv(index=False))
+    write_text_named(root / "duplicates.csv", dup_table.to_csv(index=False))
     report = build_report(manifest, errors, dup_table, dedup_notes + split_notes, meta, config)
     meta["fingerprint"] = report["fingerprint"]
     meta["prepare_config"] = json.loads(json.dumps(asdict(config), default=str))
     # The libraries that decode and resize images decide the stored pixels.
     meta["versions"] = library_versions(*DECODING_PACKAGES)
-    atomic_write_text(root / "store.json", json.dumps(meta, indent=2, default=str))
-    atomic_write_text(root / "report.json", json.dumps(report, indent=2, default=str))
-    atomic_write_text(root / "report.md", render_report(report))
+    write_text_named(root / "store.json", json.dumps(meta, indent=2, default=str))
+    write_text_named(root / "report.json", json.dumps(report, indent=2, default=str))
+    write_text_named(root / "report.md", render_report(report))
     return report
 
 
@@ -654,6 +820,13 @@ def render_report(report: dict[str, Any]) -> str:
         )
         + ". See `errors.csv`.",
     ]
+    n_masks = report["errors"]["by_stage"].get("mask", 0)
+    if n_masks:
+        lines += [
+            "",
+            f"{n_masks} mask files named by a listing were not found (stage `mask`); their "
+            "images are kept without them.",
+        ]
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ import pandas as pd
 
 from spcxr.data.dedup import connected_groups
 from spcxr.data.records import SPLITS
+from spcxr.errors import UsageError
 
 
 class LeakageError(RuntimeError):
@@ -28,9 +29,9 @@ class SplitConfig:
         mode: ``"random"`` (stratified by ``stratify``, grouped by patient) or ``"official"``
             (keep each source's official split where it has one; random for the rest; a
             validation split carved from official train by patient when a source has none).
-        fractions: train / val / test fractions for random assignment.
+        fractions: train / val / test fractions for random assignment (they must sum to 1).
         n_folds: number of folds of the k-fold assignment (stratified, grouped); 0 disables.
-        stratify: manifest column to stratify on (``None`` for no stratification).
+        stratify: manifest column to stratify on (``none`` for no stratification).
         seed: seed of the assignment.
         official_conflict: when a patient group spans official splits (a leak in the official
             split, e.g. a duplicate filed in both train and test), the whole group goes to
@@ -47,12 +48,25 @@ class SplitConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in ("random", "official"):
-            raise ValueError(f"split mode must be 'random' or 'official', got {self.mode!r}")
-        if len(self.fractions) != 3 or min(self.fractions) < 0 or sum(self.fractions) <= 0:
-            raise ValueError(f"split fractions must be 3 non-negative numbers: {self.fractions}")
+            raise UsageError(f"--split-mode must be 'random' or 'official', got {self.mode!r}")
+        fractions = tuple(self.fractions)
+        if len(fractions) != 3 or min(fractions) < 0:
+            raise UsageError(
+                f"--split-fractions must be 3 non-negative numbers (train val test): {fractions}"
+            )
+        if abs(sum(fractions) - 1.0) > 1e-6:  # never renormalised behind the user's back
+            raise UsageError(
+                f"--split-fractions {' '.join(f'{f:g}' for f in fractions)} sum to "
+                f"{sum(fractions):g}, not 1"
+            )
+        if self.n_folds < 0 or self.n_folds == 1:
+            raise UsageError(f"--split-n-folds must be 0 (off) or >= 2, got {self.n_folds}")
+        if isinstance(self.stratify, str) and self.stratify.strip().lower() in ("", "none", "null"):
+            self.stratify = None
         if self.official_conflict not in ("held_out", "fail"):
-            raise ValueError(
-                f"official_conflict must be 'held_out' or 'fail': {self.official_conflict!r}"
+            raise UsageError(
+                "--split-official-conflict must be 'held_out' or 'fail', got "
+                f"{self.official_conflict!r}"
             )
 
 
@@ -117,6 +131,11 @@ def assign_splits(
         (split, fold, notes): ``split`` holds "train"/"val"/"test", ``fold`` 0..k-1 (or -1),
         ``notes`` lines for the report (e.g. official-split conflicts resolved).
     """
+    if config.stratify is not None and config.stratify not in manifest.columns:
+        raise UsageError(
+            f"--split-stratify: no manifest column {config.stratify!r}; columns: "
+            f"{', '.join(map(str, manifest.columns))}"
+        )
     rng = np.random.default_rng(config.seed)
     n_groups = int(groups.max()) + 1 if len(groups) else 0
     sizes = np.bincount(groups, minlength=n_groups)

@@ -19,30 +19,85 @@ leaves a half-written file that a later run would trust.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from spcxr.atomic import atomic_path
+from spcxr.atomic import atomic_path, atomic_write_text
+from spcxr.errors import UsageError
 
 STORE_FORMAT = "spcxr-store"
 STORE_VERSION = 1
 
 
+class CorruptStoreError(UsageError):
+    """A store file is truncated or unreadable (e.g. a partial copy); the message names it."""
+
+    def __init__(self, path: str | Path, detail: str) -> None:
+        super().__init__(
+            f"{path}: truncated or corrupt store file ({detail}); run spcxr prepare again "
+            "(same sources and --out) to rebuild it"
+        )
+
+
+@contextlib.contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """Re-raise an ``OSError`` that names no file (a short write on a full disk, pyarrow's
+    I/O errors) as the same error naming ``path``, so the user's one line says where."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), os.fspath(path)) from err
+
+
+class _Stream:
+    """A plain ``write`` wrapper: ``np.save`` then writes with ``write`` instead of
+    ``ndarray.tofile``, whose short write on a full disk loses the errno ("131072 requested
+    and 102272 written")."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def write(self, data: bytes) -> int:
+        return self.handle.write(data)
+
+
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     """Save an array as .npy atomically (no pickles inside)."""
-    with atomic_path(path) as tmp, tmp.open("wb") as f:
-        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+    with naming(path), atomic_path(path) as tmp, tmp.open("wb") as f:
+        np.save(_Stream(f), np.ascontiguousarray(array), allow_pickle=False)
 
 
 def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
+    with naming(path), atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
+
+
+def write_text_named(path: Path, text: str) -> None:
+    """:func:`spcxr.atomic.atomic_write_text`, with an OS error naming ``path``."""
+    with naming(path):
+        atomic_write_text(path, text)
+
+
+def open_npy(path: Path) -> np.ndarray:
+    """Memory-map a shard; a truncated or malformed file raises :class:`CorruptStoreError`."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError) as err:  # numpy: "mmap length is greater than file size"
+        raise CorruptStoreError(path, str(err)) from err
+    except OSError as err:
+        if isinstance(err, FileNotFoundError | PermissionError):
+            raise
+        raise CorruptStoreError(path, err.strerror or str(err)) from err
 
 
 def read_store_json(root: Path) -> dict[str, Any]:
@@ -93,7 +148,14 @@ class PreparedStore:
                 f"{self.root}: store has no manifest.parquet (prepare was interrupted before "
                 "it finished); run `spcxr prepare` again to resume"
             )
-        self._index(pd.read_parquet(manifest_path), int(self.meta["image_size"]))
+        try:
+            manifest = pd.read_parquet(manifest_path)
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            if isinstance(err, FileNotFoundError | PermissionError):
+                raise
+            raise CorruptStoreError(manifest_path, str(err).splitlines()[0]) from err
+        self._index(manifest, int(self.meta["image_size"]))
+        self._check_shards()
 
     @classmethod
     def from_manifest(
@@ -117,6 +179,30 @@ class PreparedStore:
         self._masks: list[np.ndarray | None] = [None] * len(self.shard_names)
         self.has_mask = manifest["has_mask"].to_numpy(bool)
 
+    def _check_shards(self) -> None:
+        """Map every image shard (and mask shard) now, in the opening process.
+
+        A truncated shard then fails here with one line naming it, not later inside a
+        DataLoader worker ("Caught ValueError in DataLoader worker process 0" + traceback).
+        Mapping reads only the .npy headers.
+        """
+        size = self.image_size
+        last = pd.Series(self._offset).groupby(self._shard_of).max()
+        masked = pd.Series(self.has_mask).groupby(self._shard_of).any()
+        for i, name in enumerate(self.shard_names):
+            for kind in ("images", "masks"):
+                if kind == "masks" and not masked.get(i, False):
+                    continue
+                path = self.root / "shards" / f"{name}.{kind}.npy"
+                if not path.is_file():
+                    raise CorruptStoreError(path, "file missing")
+                arr = open_npy(path)
+                if arr.ndim != 3 or arr.shape[1:] != (size, size) or arr.shape[0] <= last[i]:
+                    raise CorruptStoreError(
+                        path, f"shape {arr.shape} does not hold the manifest's rows"
+                    )
+                (self._images if kind == "images" else self._masks)[i] = arr
+
     def __len__(self) -> int:
         return len(self.manifest)
 
@@ -131,7 +217,7 @@ class PreparedStore:
             path = self.root / "shards" / f"{self.shard_names[i]}.{kind}.npy"
             if not path.is_file():
                 return None
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            arr = open_npy(path)
             cache[i] = arr
         return arr
 

@@ -54,6 +54,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from spcxr.data.store import naming
+
 LABELS = ("normal", "consolidation", "bilateral_opacities")
 MANIFEST_COLUMNS = ("file", "mask_file", "label", "patient_id", "site", "view", "sex", "age")
 VIEWS = ("PA", "AP")
@@ -1466,8 +1468,13 @@ def write_synthetic_dataset(
         image_file = f"images/{case.image_id}.png"
         mask_file = f"masks/{case.image_id}.png"
         pixels = np.round(case.image * 65535.0).astype(np.uint16)
-        Image.fromarray(pixels).save(out / image_file, compress_level=config.png_compress_level)
-        Image.fromarray(case.mask.astype(np.uint8) * 255).save(out / mask_file, compress_level=1)
+        # Pillow removes a file it could not finish; naming() puts the file in the error line.
+        with naming(out / image_file):
+            Image.fromarray(pixels).save(out / image_file, compress_level=config.png_compress_level)
+        with naming(out / mask_file):
+            Image.fromarray(case.mask.astype(np.uint8) * 255).save(
+                out / mask_file, compress_level=1
+            )
         rows.append(
             (
                 image_file,
@@ -1482,9 +1489,12 @@ def write_synthetic_dataset(
         )
     manifest = out / "manifest.csv"
     tmp = out / "manifest.csv.tmp"
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(MANIFEST_COLUMNS)
-        writer.writerows(rows)
-    os.replace(tmp, manifest)
+    try:
+        with naming(manifest), tmp.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(MANIFEST_COLUMNS)
+            writer.writerows(rows)
+        os.replace(tmp, manifest)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a half-written manifest
     return manifest

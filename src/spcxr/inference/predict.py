@@ -32,6 +32,7 @@ Output file paths in the CSV are relative to the CSV's folder when they lie insi
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
 import glob
 import hashlib
 import json
@@ -56,8 +57,9 @@ from tqdm.auto import tqdm
 from spcxr.atomic import atomic_write_text
 from spcxr.data.augment import AugmentConfig, eval_transform
 from spcxr.data.prepare import fit_square
+from spcxr.data.store import naming
 from spcxr.explain.heatmaps import explain, heatmap_overlay, mask_overlay, save_png, upsample_maps
-from spcxr.io import DicomOptions, ImageReadError, read_image
+from spcxr.io import DEFAULT_MAX_PIXELS, DicomOptions, ImageReadError, read_image
 from spcxr.train.distributed import resolve_device
 
 log = logging.getLogger(__name__)
@@ -113,6 +115,8 @@ class PredictConfig:
             main thread).
         processes: decode in worker processes instead of threads (DICOM parsing holds Python's
             GIL; PNG/JPEG decoding mostly does not).
+        max_pixels: an image whose header declares more pixels gets an error row instead of
+            being decoded (bounds each decoder's memory). 0: no limit.
         progress: show a progress bar.
     """
 
@@ -127,6 +131,7 @@ class PredictConfig:
     masks_dir: str = ""
     workers: int = 4
     processes: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -142,6 +147,8 @@ class PredictConfig:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.heatmap_steps < 1:
             raise ValueError(f"heatmap_steps must be >= 1, got {self.heatmap_steps}")
+        if self.max_pixels < 0:
+            raise ValueError(f"--max-pixels must be >= 0 (0: no limit), got {self.max_pixels}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,9 +163,32 @@ def _looks_like_dicom(path: Path) -> bool:
         return False
 
 
-def _folder_images(folder: Path) -> Iterator[Path]:
-    """Image files under ``folder`` (recursive; hidden files and folders skipped)."""
-    for root, dirs, files in os.walk(folder):
+def _link_problem(path: Path) -> str | None:
+    """Why a symbolic link cannot be followed (a loop, a missing target), else ``None``."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return "dangling symbolic link (its target does not exist)"
+    except OSError as err:
+        return "symbolic link loop" if err.errno == errno.ELOOP else f"cannot follow link: {err}"
+    return None
+
+
+def _folder_images(folder: Path, problems: list[tuple[str, str]]) -> Iterator[Path]:
+    """Image files under ``folder`` (recursive; hidden files and folders skipped).
+
+    A sub-folder that cannot be listed goes to ``problems`` (and is logged as a warning);
+    files that cannot be followed are yielded, and :func:`expand_inputs` reports them.
+    """
+
+    def unlistable(err: OSError) -> None:
+        where = err.filename or str(folder)
+        problems.append((str(where), f"cannot list folder: {err.strerror or err}"))
+        log.warning("predict: cannot list folder %s (%s): skipped", where, err.strerror or err)
+
+    for root, dirs, files in os.walk(folder, onerror=unlistable):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if name.startswith("."):
@@ -166,6 +196,10 @@ def _folder_images(folder: Path) -> Iterator[Path]:
             path = Path(root) / name
             if path.suffix.lower() in IMAGE_SUFFIXES or _looks_like_dicom(path):
                 yield path
+            elif (reason := _link_problem(path)) is not None:
+                # os.walk lists a looping or dangling link (to a folder, an extensionless
+                # DICOM, ...) as a file: report it rather than drop it.
+                problems.append((str(path), reason))
 
 
 def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -184,7 +218,11 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[tuple[str, str
     problems: list[tuple[str, str]] = []
 
     def add(path: Path) -> None:
-        found.setdefault(path.resolve(), str(path))
+        reason = _link_problem(path)
+        if reason is not None:  # resolve() would raise on a loop and abort every input
+            problems.append((str(path), reason))
+        else:
+            found.setdefault(path.resolve(), str(path))
 
     for item in inputs:
         if _GLOB_CHARS & set(item):
@@ -195,11 +233,11 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[tuple[str, str
         else:
             paths = [Path(item)]
             if not paths[0].exists():
-                problems.append((item, "no such file or folder"))
+                problems.append((item, _link_problem(paths[0]) or "no such file or folder"))
                 continue
         for path in paths:
             if path.is_dir():
-                for image in _folder_images(path):
+                for image in _folder_images(path, problems):
                     add(image)
             else:
                 add(path)
@@ -370,11 +408,14 @@ class Decoded:
     seconds: float = 0.0
 
 
-def decode(file: str, prep: Preprocessing) -> Decoded:
-    """Reads ``file`` and fits it into the store-size square; errors become ``Decoded.error``."""
+def decode(file: str, prep: Preprocessing, max_pixels: int | None = None) -> Decoded:
+    """Reads ``file`` and fits it into the store-size square; errors become ``Decoded.error``.
+
+    ``max_pixels`` refuses an image by its header size, before decoding it.
+    """
     started = time.perf_counter()
     try:
-        pixels = read_image(file, dicom=prep.dicom).pixels
+        pixels = read_image(file, dicom=prep.dicom, max_pixels=max_pixels).pixels
         if pixels.ndim != 2 or min(pixels.shape) < _MIN_SIDE:
             raise ImageReadError(file, f"unusable image shape {tuple(pixels.shape)}")
         image, box = fit_square(pixels, prep.store_image_size)
@@ -514,7 +555,7 @@ class _Predictor:
     def _write(self, array: np.ndarray, path: Path) -> str:
         while self.writes and (self.writes[0].done() or len(self.writes) >= self.max_pending):
             self.writes.popleft().result()  # a failed write (disk full, ...) fails the run
-        self.writes.append(self.writer.submit(save_png, array, path))
+        self.writes.append(self.writer.submit(_save_png_named, array, path))
         return _shown(path, self.base)
 
     def close(self) -> None:
@@ -627,6 +668,12 @@ class _Predictor:
         return out
 
 
+def _save_png_named(array: np.ndarray, path: Path) -> Path:
+    """:func:`save_png`; an OS error (a full disk) names the file."""
+    with naming(path):
+        return save_png(array, path)
+
+
 def _error_row(file: str, reason: str) -> dict[str, Any]:
     return {"file": file, "status": "error", "error": reason}
 
@@ -647,7 +694,7 @@ def run_predict(config: PredictConfig) -> tuple[pd.DataFrame, PredictStats]:
     rows = [_error_row(item, reason) for item, reason in problems]
     started = time.perf_counter()
     pool = _decoder_pool(config.workers, config.processes)
-    decode_one = partial(decode, prep=loaded.preprocessing)
+    decode_one = partial(decode, prep=loaded.preprocessing, max_pixels=config.max_pixels or None)
     ahead = 2 * config.batch_size + config.workers
     bar = tqdm(total=len(files), unit="img", desc="predict", disable=not config.progress)
     try:
@@ -682,7 +729,8 @@ def run_predict(config: PredictConfig) -> tuple[pd.DataFrame, PredictStats]:
         if column in frame:
             frame[column] = frame[column].astype("Int64")  # integers, empty on error rows
     out = Path(config.out)
-    atomic_write_text(out, frame.to_csv(index=False))
+    with naming(out):
+        atomic_write_text(out, frame.to_csv(index=False))
     stats.seconds = time.perf_counter() - started
     log.info(
         "predicted %d images (%d errors) in %.1f s: %s",

@@ -1,13 +1,23 @@
 """Image readers: DICOM, PNG, JPEG and TIFF to float32 ``[H, W]`` in ``[0, 1]`` (bones bright)."""
 
 from spcxr.io.dicom import DicomOptions, NotDicomError, parse_age, read_dicom
-from spcxr.io.image import META_KEYS, ImageReadError, LoadedImage, read_image, sniff_format
+from spcxr.io.image import (
+    DEFAULT_MAX_PIXELS,
+    META_KEYS,
+    ImageReadError,
+    ImageTooLargeError,
+    LoadedImage,
+    read_image,
+    sniff_format,
+)
 from spcxr.io.raster import read_mask, read_raster, significant_bits
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "META_KEYS",
     "DicomOptions",
     "ImageReadError",
+    "ImageTooLargeError",
     "LoadedImage",
     "NotDicomError",
     "parse_age",

@@ -37,10 +37,13 @@ interpretations are refused.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import math
 import re
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -57,7 +60,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from spcxr.io.image import ImageReadError, LoadedImage, new_meta, read_head
+from spcxr.io.image import ImageReadError, LoadedImage, check_pixels, new_meta, read_head
 
 Windowing = Literal["auto", "voi", "percentile", "full"]
 
@@ -131,12 +134,16 @@ class _Voi:
     unit: np.ndarray | None = None
 
 
-def read_dicom(path: str | Path, options: DicomOptions | None = None) -> LoadedImage:
+def read_dicom(
+    path: str | Path, options: DicomOptions | None = None, *, max_pixels: int | None = None
+) -> LoadedImage:
     """Read the first frame of a DICOM file as float32 ``[H, W]`` in ``[0, 1]``.
 
     Args:
         path: The DICOM file (any extension, with or without preamble).
         options: Windowing and parsing options (defaults to ``DicomOptions()``).
+        max_pixels: refuse (:class:`~spcxr.io.image.ImageTooLargeError`) a frame of more
+            pixels (Rows x Columns from the header), before decoding it.
 
     Returns:
         The image (higher = more attenuation, padding = 0) and its metadata; see the module
@@ -150,9 +157,11 @@ def read_dicom(path: str | Path, options: DicomOptions | None = None) -> LoadedI
     path = Path(path)
     options = options or DicomOptions()
     read_head(path)  # clear errors for missing and empty files
-    ds = _read_dataset(path, options.force)
-    header = _image_header(ds, path)
-    raw = _decode_first_frame(ds, header, path)
+    with quiet_pydicom():
+        ds = _read_dataset(path, options.force)
+        header = _image_header(ds, path)
+        check_pixels(path, header.rows, header.columns, max_pixels)
+        raw = _decode_first_frame(ds, header, path)
     if header.photometric in _COLOR:
         pixels = _color_to_gray(raw, header.bits_stored)
         voi = _Voi("dtype", None)
@@ -188,6 +197,35 @@ def parse_age(text: str | None) -> float | None:
 
 
 # --- parsing -----------------------------------------------------------------------------
+
+_QUIET_LOCK = threading.Lock()
+_QUIET_DEPTH = 0
+_QUIET_LEVEL = logging.NOTSET
+
+
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """Silence the ``pydicom`` logger (below CRITICAL) while a file is parsed and decoded.
+
+    pydicom's decoders log every failure with its full traceback at ERROR level before
+    raising; the failure is re-raised here as one :class:`ImageReadError` (one row in a
+    prepare's errors.csv, one error row of predict), so the log lines are noise. Nested and
+    concurrent uses (predict's decoding threads) restore the level once the last one exits.
+    """
+    global _QUIET_DEPTH, _QUIET_LEVEL
+    logger = logging.getLogger("pydicom")
+    with _QUIET_LOCK:
+        if _QUIET_DEPTH == 0:
+            _QUIET_LEVEL = logger.level
+            logger.setLevel(logging.CRITICAL)
+        _QUIET_DEPTH += 1
+    try:
+        yield
+    finally:
+        with _QUIET_LOCK:
+            _QUIET_DEPTH -= 1
+            if _QUIET_DEPTH == 0:
+                logger.setLevel(_QUIET_LEVEL)
 
 
 def _read_dataset(path: Path, force: bool) -> Dataset:

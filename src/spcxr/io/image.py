@@ -73,6 +73,31 @@ class ImageReadError(ValueError):
         return (type(self), (self.path, self.reason))
 
 
+class ImageTooLargeError(ImageReadError):
+    """An image whose header declares more pixels than the caller's limit (never decoded)."""
+
+
+#: Default per-image pixel limit of ``spcxr prepare`` / ``predict`` (``--max-pixels``): a
+#: 16-bit 50 MP image costs about 0.1 GB as stored and 0.2 GB as float32; the largest chest
+#: radiographs (43 x 43 cm detectors at 0.1 mm) have about 18.5 MP.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+def check_pixels(path: str | Path, height: int, width: int, max_pixels: int | None) -> None:
+    """Raise :class:`ImageTooLargeError` if ``height * width`` exceeds ``max_pixels``.
+
+    Called with the size read from the file's header, before any pixel is decoded, so that
+    one huge image cannot take a worker's memory (a 13,000 x 13,000 16-bit PNG is a 1.3 MB
+    file but several GB once decoded).
+    """
+    if max_pixels is not None and max_pixels > 0 and height * width > max_pixels:
+        raise ImageTooLargeError(
+            path,
+            f"image of {height}x{width} (HxW) = {height * width / 1e6:.3g} MP exceeds the "
+            f"pixel limit of {max_pixels / 1e6:g} MP (--max-pixels); not decoded",
+        )
+
+
 @dataclass
 class LoadedImage:
     """An image read from disk.
@@ -137,7 +162,9 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
-def read_image(path: str | Path, *, dicom: DicomOptions | None = None) -> LoadedImage:
+def read_image(
+    path: str | Path, *, dicom: DicomOptions | None = None, max_pixels: int | None = None
+) -> LoadedImage:
     """Read a DICOM, PNG, JPEG or TIFF file, choosing the reader from the file's content.
 
     A file with no known signature is tried as a DICOM data set without preamble (old exports
@@ -146,6 +173,8 @@ def read_image(path: str | Path, *, dicom: DicomOptions | None = None) -> Loaded
     Args:
         path: The file; its extension is ignored.
         dicom: Options for DICOM files (defaults to :class:`~spcxr.io.dicom.DicomOptions()`).
+        max_pixels: refuse (:class:`ImageTooLargeError`) an image whose header declares more
+            pixels, before decoding it; ``None``: no limit.
 
     Returns:
         The image as float32 ``[H, W]`` in ``[0, 1]`` (higher = more attenuation) with metadata.
@@ -160,11 +189,11 @@ def read_image(path: str | Path, *, dicom: DicomOptions | None = None) -> Loaded
     path = Path(path)
     kind = sniff_format(read_head(path))
     if kind == "dicom":
-        return read_dicom(path, dicom)
+        return read_dicom(path, dicom, max_pixels=max_pixels)
     if kind is not None:
-        return _read_raster(path, kind)
+        return _read_raster(path, kind, max_pixels)
     try:
-        return read_dicom(path, dicom)
+        return read_dicom(path, dicom, max_pixels=max_pixels)
     except NotDicomError as err:
         start = read_head(path, 8)
         raise ImageReadError(

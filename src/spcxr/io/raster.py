@@ -34,7 +34,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from spcxr.io.image import ImageReadError, LoadedImage, new_meta, read_head, sniff_format
+from spcxr.io.image import (
+    ImageReadError,
+    ImageTooLargeError,
+    LoadedImage,
+    check_pixels,
+    new_meta,
+    read_head,
+    sniff_format,
+)
 
 _FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "TIFF": "tiff"}
 _SIGNIFICANT_BITS = (8, 10, 12, 14, 16)
@@ -46,11 +54,12 @@ _COLOR_MODES = frozenset({"LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", 
 _LABEL_MAX = 16
 
 
-def read_raster(path: str | Path) -> LoadedImage:
+def read_raster(path: str | Path, max_pixels: int | None = None) -> LoadedImage:
     """Read a PNG, JPEG or TIFF image as float32 ``[H, W]`` in ``[0, 1]``.
 
     Args:
         path: The image file (its extension is ignored; the content decides).
+        max_pixels: refuse an image with more pixels (from its header, before decoding).
 
     Returns:
         The first frame/page, mapped as described in the module docstring, with metadata.
@@ -60,17 +69,17 @@ def read_raster(path: str | Path) -> LoadedImage:
             format, or an unsupported mode / bit depth (the message names the mode).
     """
     path = Path(path)
-    return _read_raster(path, sniff_format(read_head(path)))
+    return _read_raster(path, sniff_format(read_head(path)), max_pixels)
 
 
-def _read_raster(path: Path, kind: str | None) -> LoadedImage:
+def _read_raster(path: Path, kind: str | None, max_pixels: int | None = None) -> LoadedImage:
     """:func:`read_raster` for a file whose signature was already sniffed (by read_image)."""
     try:
-        gray, fmt, photometric, frames = _read_pillow(path, kind)
+        gray, fmt, photometric, frames = _read_pillow(path, kind, max_pixels)
     except ImageReadError as err:
-        if kind != "tiff":
+        if kind != "tiff" or isinstance(err, ImageTooLargeError):
             raise
-        gray, photometric, frames = _read_tifffile(path, err)
+        gray, photometric, frames = _read_tifffile(path, err, max_pixels)
         fmt = "tiff"
     pixels, bits, windowing, window = _gray_to_unit(gray, path)
     meta = new_meta(
@@ -87,7 +96,9 @@ def _read_raster(path: Path, kind: str | None) -> LoadedImage:
     return LoadedImage(pixels=pixels, meta=meta)
 
 
-def read_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
+def read_mask(
+    path: str | Path, shape: tuple[int, int] | None = None, max_pixels: int | None = None
+) -> np.ndarray:
     """Read a binary mask as bool ``[H, W]``.
 
     Foreground: any nonzero value for 1-bit, palette (index) and small label maps (integer
@@ -98,13 +109,16 @@ def read_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndar
     Args:
         path: PNG / TIFF / JPEG mask file.
         shape: The image's ``(H, W)``; when given, a mask of another size is an error.
+        max_pixels: refuse a mask with more pixels (from its header, before decoding).
 
     Raises:
         ImageReadError: For unreadable files, unsupported modes or a size mismatch (the message
             names the file and both sizes).
     """
     path = Path(path)
-    image, mode, _ = _open(path, sniff_format(read_head(path)), gray_draft=False)
+    image, mode, _ = _open(
+        path, sniff_format(read_head(path)), gray_draft=False, max_pixels=max_pixels
+    )
     with image:
         if mode == "1":
             values = np.asarray(image, dtype=bool)
@@ -132,7 +146,9 @@ def significant_bits(max_value: int) -> int:
     raise ValueError(f"{max_value} does not fit in 16 bits")
 
 
-def _open(path: Path, kind: str | None, *, gray_draft: bool) -> tuple[Image.Image, str, str]:
+def _open(
+    path: Path, kind: str | None, *, gray_draft: bool, max_pixels: int | None = None
+) -> tuple[Image.Image, str, str]:
     """Open and decode with Pillow; every Pillow failure becomes an ImageReadError.
 
     ``kind`` is the format named by the file's signature (:func:`sniff_format`), which tells
@@ -143,7 +159,9 @@ def _open(path: Path, kind: str | None, *, gray_draft: bool) -> tuple[Image.Imag
         raw mode, which tells the stored bit depth ("L;4", "RGB;16B", ...).
     """
     try:
-        image = Image.open(path)
+        image = Image.open(path)  # reads the header only
+    except Image.DecompressionBombError as err:
+        raise ImageTooLargeError(path, f"image too large to decode: {err}") from err
     except UnidentifiedImageError as err:
         if kind in ("png", "jpeg", "tiff"):
             reason = f"corrupt {kind.upper()} file (its signature is right, its header is not)"
@@ -155,6 +173,8 @@ def _open(path: Path, kind: str | None, *, gray_draft: bool) -> tuple[Image.Imag
     mode = image.mode
     rawmode = _rawmode(image)
     try:
+        width, height = image.size
+        check_pixels(path, height, width, max_pixels)  # before decoding a single pixel
         if image.format not in _FORMATS:
             raise ImageReadError(path, f"unsupported image format {image.format}")
         if gray_draft and image.format in ("JPEG", "MPO") and image.mode == "RGB":
@@ -178,9 +198,11 @@ def _rawmode(image: Image.Image) -> str:
     return rawmode if isinstance(rawmode, str) else ""
 
 
-def _read_pillow(path: Path, kind: str | None) -> tuple[np.ndarray, str, str, int]:
+def _read_pillow(
+    path: Path, kind: str | None, max_pixels: int | None = None
+) -> tuple[np.ndarray, str, str, int]:
     """(2-D array, format, stored mode, frames): gray as stored, colour as 8-bit BT.601 luma."""
-    image, mode, rawmode = _open(path, kind, gray_draft=True)
+    image, mode, rawmode = _open(path, kind, gray_draft=True, max_pixels=max_pixels)
     with image:
         fmt, frames = _FORMATS[image.format or ""], int(getattr(image, "n_frames", 1))
         match = _RAW_DEPTH.search(rawmode)
@@ -208,7 +230,9 @@ def _read_pillow(path: Path, kind: str | None) -> tuple[np.ndarray, str, str, in
         raise ImageReadError(path, f"unsupported image mode {mode!r}")
 
 
-def _read_tifffile(path: Path, pillow_error: ImageReadError) -> tuple[np.ndarray, str, int]:
+def _read_tifffile(
+    path: Path, pillow_error: ImageReadError, max_pixels: int | None = None
+) -> tuple[np.ndarray, str, int]:
     """(2-D array, photometric, pages) of a TIFF Pillow cannot read faithfully.
 
     Covers 16-bit colour and float64 TIFFs; colour becomes BT.601 luma rounded back to the
@@ -219,8 +243,11 @@ def _read_tifffile(path: Path, pillow_error: ImageReadError) -> tuple[np.ndarray
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages.first
+            check_pixels(path, int(page.imagelength), int(page.imagewidth), max_pixels)
             array = np.asarray(page.asarray())
             photometric, pages = page.photometric.name, len(tif.pages)
+    except ImageTooLargeError:
+        raise
     except Exception as err:
         raise ImageReadError(path, f"{pillow_error.reason}; tifffile: {err}") from err
     if array.ndim == 3 and array.shape[-1] in (3, 4) and photometric == "RGB":

@@ -10,6 +10,7 @@ mapped onto the same columns (patient id, sex, age, view) with the parsers below
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -239,12 +240,50 @@ class DirIndex:
         return tail in self.names(head) or os.path.exists(path)
 
 
+def link_problem(entry: os.DirEntry[str]) -> str | None:
+    """Why a symbolic link cannot be followed (a loop, a missing target), else ``None``.
+
+    Only symbolic links cost a ``stat``; other entries are answered from the listing.
+    """
+    if not entry.is_symlink():
+        return None
+    try:
+        entry.stat()
+    except FileNotFoundError:
+        return f"dangling symbolic link (target {os.readlink(entry.path)!r} does not exist)"
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop"
+        return f"cannot follow symbolic link: {err.strerror or err}"
+    return None
+
+
 def list_images(
-    directory: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    directory: Path,
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+    problems: list[tuple[str, str]] | None = None,
 ) -> list[os.DirEntry[str]]:
-    """Image files directly inside ``directory``, sorted by name (one scandir, no stat)."""
+    """Image files directly inside ``directory``, sorted by name (one scandir, no stat).
+
+    An image name that is a symbolic link loop or a dangling link is left out and, when
+    ``problems`` is given, appended to it as ``(path, reason)`` (sorted), so that the caller
+    can report it instead of dropping it silently.
+
+    Raises:
+        OSError: when ``directory`` itself cannot be listed (e.g. ``PermissionError``).
+    """
+    found, broken = [], []
     with os.scandir(directory) as entries:
-        found = [e for e in entries if is_image_name(e.name, extensions) and e.is_file()]
+        for entry in entries:
+            if not is_image_name(entry.name, extensions):
+                continue
+            reason = link_problem(entry)
+            if reason is not None:
+                broken.append((entry.path, reason))
+            elif entry.is_file():
+                found.append(entry)
+    if problems is not None:
+        problems.extend(sorted(broken))
     return sorted(found, key=lambda entry: entry.name)
 
 

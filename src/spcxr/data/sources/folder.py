@@ -20,6 +20,7 @@ from spcxr.data.sources.base import (
     SPLIT_ALIASES,
     Source,
     is_image_name,
+    link_problem,
     list_images,
     snake_label,
 )
@@ -33,12 +34,23 @@ KERMANY_PATTERN = (
 )
 
 
-def _subdirs(path: Path) -> list[os.DirEntry[str]]:
+def _subdirs(path: Path, problems: list[tuple[str, str]] | None = None) -> list[os.DirEntry[str]]:
+    """Visible sub-folders of ``path``, sorted; links that cannot be followed go to
+    ``problems`` as ``(path, reason)`` when it is given."""
+    found = []
     with os.scandir(path) as entries:
-        return sorted(
-            (e for e in entries if e.is_dir() and not e.name.startswith((".", "__"))),
-            key=lambda entry: entry.name,
-        )
+        for entry in entries:
+            if entry.name.startswith((".", "__")):
+                continue
+            reason = link_problem(entry)
+            if reason is not None:
+                if problems is not None:
+                    problems.append((entry.path, reason))
+            elif entry.is_dir():
+                found.append(entry)
+    if problems is not None:
+        problems.sort()
+    return sorted(found, key=lambda entry: entry.name)
 
 
 def _has_image(path: str) -> bool:
@@ -135,11 +147,30 @@ class FolderSource(Source):
             yield from self._class_folders(self.root, None)
 
     def _class_folders(self, top: Path, split: str | None) -> Iterator[Record | Skip]:
-        for entry in list_images(top, self.extensions):
+        """Records of the class folders under ``top``; a folder that cannot be listed, a
+        symbolic link loop or a dangling link becomes a Skip and the listing goes on."""
+        problems: list[tuple[str, str]] = []
+        try:
+            loose = list_images(top, self.extensions, problems)
+            class_dirs = _subdirs(top, problems)
+        except OSError as err:
+            yield self.skip(top, f"cannot list folder: {err.strerror or err}")
+            return
+        for entry in loose:
             yield self.skip(entry.path, "image outside a class folder")
-        for class_dir in _subdirs(top):
+        for path, reason in problems:
+            yield self.skip(path, reason)
+        for class_dir in class_dirs:
             label = snake_label(class_dir.name)
-            for entry in list_images(Path(class_dir.path), self.extensions):
+            problems = []
+            try:
+                entries = list_images(Path(class_dir.path), self.extensions, problems)
+            except OSError as err:
+                yield self.skip(class_dir.path, f"cannot list folder: {err.strerror or err}")
+                continue
+            for path, reason in problems:
+                yield self.skip(path, reason)
+            for entry in entries:
                 yield self._record(entry, label, split)
 
     def _record(

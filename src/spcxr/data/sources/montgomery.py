@@ -91,7 +91,11 @@ class MontgomerySource(Source):
         base = self.image_dir.parent
         readings = base / "ClinicalReadings"
         mask_dirs = [base / "ManualMask" / "leftMask", base / "ManualMask" / "rightMask"]
-        for entry in list_images(self.image_dir):
+        problems: list[tuple[str, str]] = []
+        entries = list_images(self.image_dir, problems=problems)
+        for path, reason in problems:  # link loops, dangling links
+            yield self.skip(path, reason)
+        for entry in entries:
             match = IMAGE_RE.match(entry.name)
             if match is None:
                 yield self.skip(entry.path, "unparseable patient id (expected MCUCXR_NNNN_0|1.png)")

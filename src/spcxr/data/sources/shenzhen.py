@@ -121,7 +121,11 @@ class ShenzhenSource(Source):
         mask_dir = self._mask_dir(self.image_dir)
         mask_names = self._dirs.names(mask_dir) if mask_dir else frozenset()
         readings = self.image_dir.parent / "ClinicalReadings"
-        for entry in list_images(self.image_dir):
+        problems: list[tuple[str, str]] = []
+        entries = list_images(self.image_dir, problems=problems)
+        for path, reason in problems:  # link loops, dangling links
+            yield self.skip(path, reason)
+        for entry in entries:
             match = IMAGE_RE.match(entry.name)
             if match is None:
                 yield self.skip(entry.path, "unparseable patient id (expected CHNCXR_NNNN_0|1.png)")
