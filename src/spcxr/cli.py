@@ -15,7 +15,14 @@ from pathlib import Path
 
 from spcxr import __version__
 from spcxr.config import add_arguments, resolve, save_yaml
-from spcxr.errors import EXIT_FAILED, EXIT_USAGE, USAGE_ERRORS, RunFailed, error_line
+from spcxr.errors import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    USAGE_ERRORS,
+    RunFailed,
+    error_line,
+    is_usage_os_error,
+)
 
 # ---------------------------------------------------------------------------------------------
 # prepare
@@ -372,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spcxr {args.command}: failed: {error_line(e)}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as e:
+        if is_usage_os_error(e):  # a read-only file system: choose another output folder
+            print(f"spcxr {args.command}: error: {error_line(e)}", file=sys.stderr)
+            return EXIT_USAGE
         # A full disk or an I/O fault mid-run: the atomic writes leave nothing torn, and the
         # same command resumes once the cause is fixed.
         print(f"spcxr {args.command}: failed: {error_line(e)}", file=sys.stderr)

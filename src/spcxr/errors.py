@@ -51,3 +51,8 @@ def error_line(error: BaseException) -> str:
         return f"{error.strerror}{where}{hint}"
     text = str(error).strip() or type(error).__name__
     return " ".join(text.splitlines())
+
+
+def is_usage_os_error(error: OSError) -> bool:
+    """An OS error the user fixes by naming another path (not a failure of the run itself)."""
+    return error.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR)
