@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -320,3 +327,38 @@ def test_cli_serve_usage_errors_are_one_line(capsys, tmp_path) -> None:
     assert "--max-batch must be >= 1" in capsys.readouterr().err
     assert main(["serve"]) == 2
     assert "--run is required" in capsys.readouterr().err
+
+
+def test_spcxr_serve_command_answers_on_loopback_and_cleans_up(serve_class_run, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}
+    command = [sys.executable, "-m", "spcxr", "serve", "--run", str(serve_class_run)]
+    command += ["--port", str(port), "--device", "cpu", "--threads", "1"]
+    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read().decode()
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "spcxr serve did not start"
+                time.sleep(0.1)
+        assert health.json()["models"] == ["cls"]
+        assert [p.name.startswith("spcxr-serve-") for p in temp.iterdir()] == [True]
+        film = _png(tmp_path / "a.png", (40, 40)).read_bytes()
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/v1/predict", files=[("files", ("a.png", film))], timeout=60
+        )
+        assert answer.json()["results"][0]["status"] == "ok"
+    finally:
+        server.send_signal(signal.SIGINT)
+        output = server.communicate(timeout=60)[0].decode()
+    assert server.returncode == 0, output
+    assert "Uvicorn running on http://127.0.0.1:" in output  # the default address: loopback
+    assert list(temp.iterdir()) == []  # the private temp folder went with the server

@@ -59,7 +59,7 @@ from spcxr.train.distributed import resolve_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ServeConfig", "Service", "create_app", "serve"]
+__all__ = ["ServeConfig", "Service", "create_app", "serve", "torch_threads"]
 
 _PAGE_FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
@@ -91,7 +91,9 @@ class ServeConfig:
         max_pixels: largest image (height x width) decoded; larger ones get an error entry.
         heatmap_steps: path-integral steps of the explanation maps (``?heatmap=1``).
         workers: threads that decode uploads and encode pictures.
-        threads: PyTorch intra-op threads of the model (0: PyTorch's default).
+        threads: PyTorch intra-op threads of the model (0: half the CPU cores, at least one:
+            the other cores decode uploads and speak HTTP; more threads than free cores make
+            OpenMP spin and slow every batch down).
     """
 
     run: list[str] = field(default_factory=list)
@@ -504,6 +506,11 @@ def create_app(config: ServeConfig, service: Service | None = None) -> Starlette
     return app
 
 
+def torch_threads(threads: int = 0) -> int:
+    """``threads``, or by default half the CPU cores (at least one)."""
+    return threads or max(1, (os.cpu_count() or 1) // 2)
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -518,8 +525,7 @@ def serve(config: ServeConfig) -> None:
     import torch
     import uvicorn
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    torch.set_num_threads(torch_threads(config.threads))
     app = create_app(config)
     if not _is_loopback(config.host):
         log.warning(
