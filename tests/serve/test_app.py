@@ -59,6 +59,7 @@ def _bad_files(folder: Path) -> dict[str, Path]:
         "one_bit": folder / "one_bit.png",
         "tiny": folder / "tiny.png",
         "too_many_pixels": folder / "huge.png",
+        "too_many_pixels_dicom": folder / "huge.dcm",
     }
     bad["corrupt"].write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
     full = _dicom(folder / "full.dcm", (60, 50)).read_bytes()
@@ -68,6 +69,7 @@ def _bad_files(folder: Path) -> dict[str, Path]:
     Image.fromarray(np.eye(32, dtype=bool)).convert("1").save(bad["one_bit"])
     _png(bad["tiny"], (4, 30))
     _png(bad["too_many_pixels"], (150, 150))  # 22,500 pixels > the service's 20,000
+    _dicom(bad["too_many_pixels_dicom"], (150, 150))
     return bad
 
 
@@ -159,7 +161,7 @@ def test_every_bad_file_kind_is_an_error_entry_with_predicts_message(client, tmp
     frame = predict(
         PredictConfig(
             run=service.config.run[0],
-            inputs=[str(p) for kind, p in bad.items() if kind != "too_many_pixels"],
+            inputs=[str(p) for kind, p in bad.items() if not kind.startswith("too_many")],
             out=str(tmp_path / "p.csv"),
             device="cpu",
             heatmaps=False,
@@ -170,7 +172,7 @@ def test_every_bad_file_kind_is_an_error_entry_with_predicts_message(client, tmp
     for kind, path in bad.items():
         got = results[path.name]
         assert got["status"] == "error" and "models" not in got, kind
-        if kind == "too_many_pixels":
+        if kind.startswith("too_many_pixels"):
             assert got["error"] == (
                 "image too large: 22,500 pixels (150 x 150); this server decodes at most "
                 "20,000 (--max-pixels)"
@@ -362,3 +364,18 @@ def test_spcxr_serve_command_answers_on_loopback_and_cleans_up(serve_class_run, 
     assert server.returncode == 0, output
     assert "Uvicorn running on http://127.0.0.1:" in output  # the default address: loopback
     assert list(temp.iterdir()) == []  # the private temp folder went with the server
+
+
+def test_an_upload_that_cannot_be_stored_is_an_error_entry(client, tmp_path, monkeypatch):
+    film = _png(tmp_path / "a.png", (40, 40)).read_bytes()
+    service = client.app.state.service
+    monkeypatch.setattr(service, "tmp", tmp_path / "gone")  # e.g. the temp folder was removed
+    answer = _post(client, [("a.png", film)])
+    assert answer.status_code == 200
+    assert answer.json()["results"] == [
+        {
+            "file": "a.png",
+            "status": "error",
+            "error": "could not store the upload: No such file or directory",
+        }
+    ]

@@ -324,7 +324,16 @@ class Service:
         self, name: str, data: bytes, models: list[_Served], heatmap: bool
     ) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        decoded = await loop.run_in_executor(self.pool, self.decode_upload, name, data, models)
+        try:
+            decoded = await loop.run_in_executor(self.pool, self.decode_upload, name, data, models)
+        except OSError as err:  # the temp folder is full or gone: this file fails, not the server
+            log.error("%s: could not store the upload: %s", name, err)
+            reason = err.strerror or str(err)
+            return {
+                "file": name,
+                "status": "error",
+                "error": f"could not store the upload: {reason}",
+            }
         first = next(iter(decoded.values()))
         failed = next((d for d in decoded.values() if d.error), None)
         entry: dict[str, Any] = {"file": name, "status": "ok", "error": ""}
