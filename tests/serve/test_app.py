@@ -331,6 +331,7 @@ def test_cli_serve_usage_errors_are_one_line(capsys, tmp_path) -> None:
     assert "--run is required" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_spcxr_serve_command_answers_on_loopback_and_cleans_up(serve_class_run, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -62,6 +62,7 @@ def served(serve_class_run, serve_seg_run):
     thread.join(30)
 
 
+@pytest.mark.slow
 def test_page_shows_prediction_heatmap_and_lung_overlay(served, tmp_path) -> None:
     if not CHROMIUM.exists():
         pytest.skip(
