@@ -307,7 +307,8 @@ class Service:
         try:
             shape = image_shape(path)
         except ValueError as err:  # over Pillow's decompression-bomb limit
-            return f"image too large: {err}; this server decodes at most {self.config.max_pixels:,} pixels (--max-pixels)"
+            limit = self.config.max_pixels
+            return f"image too large: {err}; this server decodes at most {limit:,} (--max-pixels)"
         if shape is None:
             return ""
         pixels = shape[0] * shape[1]
