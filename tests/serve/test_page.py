@@ -32,6 +32,11 @@ CHROMIUM_FLAGS = [
 # Set to a path to keep the screenshot (docs/img/serve.png is made this way).
 SCREENSHOT_ENV = "SPCXR_SERVE_SCREENSHOT"
 
+# CI installs no Debian packages: there the test is skipped, before any fixture is built.
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason=f"{CHROMIUM} not found (apt-get install chromium)"
+)
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
