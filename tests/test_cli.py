@@ -24,6 +24,7 @@ def test_only_working_subcommands_are_registered(capsys) -> None:
         "evaluate",
         "predict",
         "export",
+        "serve",
         "study",
         "synth",
         "demo",

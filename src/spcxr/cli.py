@@ -140,6 +140,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from spcxr.serve import ServeConfig, serve
+
+    serve(resolve(ServeConfig, args))
+    return 0
+
+
 @dataclass
 class StudyCommand:
     """Run a real-data study from a YAML file (configs/study_*.yaml): prepare, pretrain, tasks.
@@ -331,6 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
         "portable weights: safetensors, timm encoder, ONNX, preprocessing.json, model card",
         ExportConfig,
         _cmd_export,
+    )
+    from spcxr.serve.app import ServeConfig
+
+    _register(
+        "serve",
+        "a local web service and page for trained runs: POST /v1/predict, GET /v1/models, /",
+        ServeConfig,
+        _cmd_serve,
     )
     _register(
         "study",

@@ -2,6 +2,7 @@
 
 from spcxr.inference.predict import (
     IMAGE_SUFFIXES,
+    BatchPredictor,
     Decoded,
     LoadedModel,
     PredictConfig,
@@ -17,6 +18,7 @@ from spcxr.inference.predict import (
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "BatchPredictor",
     "Decoded",
     "LoadedModel",
     "PredictConfig",

@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "BatchPredictor",
     "Decoded",
     "LoadedModel",
     "PredictConfig",
@@ -407,6 +408,13 @@ class Decoded:
     error: str = ""
     seconds: float = 0.0
 
+    @property
+    def content(self) -> np.ndarray:
+        """The image as the model saw it before resizing: the square cropped to the content."""
+        if self.image is None or self.box is None:
+            raise ValueError(f"{self.file}: not decoded ({self.error})")
+        return _content(self.image, self.box)
+
 
 def decode(file: str, prep: Preprocessing, max_pixels: int | None = None) -> Decoded:
     """Reads ``file`` and fits it into the store-size square; errors become ``Decoded.error``.
@@ -523,6 +531,139 @@ class PredictStats:
     write_seconds: float = 0.0
 
 
+class BatchPredictor:
+    """One loaded model applied to batches of decoded images, without writing anything.
+
+    Shared by ``spcxr predict`` (which writes the images to files) and ``spcxr serve`` (which
+    sends them back), so both give the same numbers for the same image.
+
+    Args:
+        loaded: the model (moved to ``device`` here).
+        device: where the model runs (bf16 autocast on CUDA).
+        heatmap_steps: path-integral steps of the explanation maps.
+        max_batch: images per forward pass of the explanation.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        device: torch.device,
+        *,
+        heatmap_steps: int = 16,
+        max_batch: int = 64,
+    ) -> None:
+        self.loaded = loaded
+        self.device = device
+        self.model = loaded.model.to(device).eval()
+        self.amp = device.type == "cuda"
+        self.heatmap_steps = heatmap_steps
+        self.max_batch = max_batch
+
+    def __call__(
+        self, ok: Sequence[Decoded], heatmaps: bool | str = False
+    ) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+        """Predicts decoded images (none with an error).
+
+        ``heatmaps``: explain every image (``True`` / ``"all"``), the positive ones
+        (``"positive"``: predicted as anything but the first class; multi-label: any finding)
+        or none (``False`` / ``"off"``).
+
+        Returns:
+            Per image ``(values, images)``: ``values`` are the CSV columns of the prediction
+            (``p_<class>``, ``predicted`` and, with ``heatmaps``, ``heatmap_completeness_gap``;
+            or ``lung_area_fraction``, ``lung_area_px``), ``images`` the pictures: ``heatmap``
+            (RGB overlay, classification with ``heatmaps``), ``mask`` (0/255 at the original
+            resolution) and ``overlay`` (RGB) for segmentation.
+        """
+        if not ok:
+            return []
+        images = torch.from_numpy(np.stack([d.image for d in ok]))[:, None]
+        if self.device.type == "cuda":
+            images = images.pin_memory()
+        images = images.to(self.device, non_blocking=True)
+        x = self.loaded.preprocessing.model_input(images, self.loaded.in_chans)
+        if self.loaded.task == "classification":
+            return self._classify(x, ok, heatmaps)
+        return self._segment(x, ok)
+
+    def _classify(
+        self, x: Tensor, ok: Sequence[Decoded], heatmaps: bool | str
+    ) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+        names = self.loaded.class_names
+        with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+            logits = self.model(x).float()
+        prob = (torch.sigmoid(logits) if self.loaded.multilabel else logits.softmax(-1)).cpu()
+        out: list[tuple[dict[str, Any], dict[str, np.ndarray]]] = []
+        for p in prob.numpy():
+            row: dict[str, Any] = {f"p_{c}": float(v) for c, v in zip(names, p, strict=True)}
+            if self.loaded.multilabel:
+                row["predicted"] = ";".join(c for c, v in zip(names, p, strict=True) if v >= 0.5)
+            else:
+                row["predicted"] = names[int(p.argmax())]
+            out.append((row, {}))
+        chosen = self._explained(prob, heatmaps)
+        if len(chosen):
+            for row, _ in out:
+                row["heatmap_completeness_gap"] = float("nan")
+            on = chosen.to(x.device)
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+                found = explain(
+                    self.model,
+                    x[on],
+                    logits.argmax(dim=1)[on],
+                    steps=self.heatmap_steps,
+                    multilabel=self.loaded.multilabel,
+                    max_batch=self.max_batch,
+                )
+            square = self.loaded.preprocessing.store_image_size
+            heat = upsample_maps(found.maps, square).cpu().numpy()
+            for j, i in enumerate(chosen.tolist()):
+                d, (row, pictures) = ok[i], out[i]
+                pictures["heatmap"] = heatmap_overlay(d.content, _content(heat[j], d.box))
+                row["heatmap_completeness_gap"] = float(found.completeness_gap[j])
+        return out
+
+    def _explained(self, prob: Tensor, heatmaps: bool | str) -> Tensor:
+        """Indices of the images to explain: ``all`` (or True), ``positive`` or none."""
+        if heatmaps is True or heatmaps == "all":
+            chosen = torch.ones(len(prob), dtype=torch.bool)
+        elif heatmaps == "positive" and self.loaded.multilabel:
+            chosen = (prob >= 0.5).any(dim=1)
+        elif heatmaps == "positive":
+            chosen = prob.argmax(dim=1) != 0  # the first class is the reference (normal)
+        else:
+            chosen = torch.zeros(len(prob), dtype=torch.bool)
+        return torch.nonzero(chosen).flatten()
+
+    def _segment(
+        self, x: Tensor, ok: Sequence[Decoded]
+    ) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+        with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+            logits = self.model(x).float()  # [B, 1, img, img]
+        square = self.loaded.preprocessing.store_image_size
+        size = (square, square)
+        with torch.no_grad():
+            on_square = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        on_square = on_square[:, 0].cpu().numpy()
+        out: list[tuple[dict[str, Any], dict[str, np.ndarray]]] = []
+        for i, d in enumerate(ok):
+            grid = original_grid(d.box, d.shape, square, self.device)
+            with torch.no_grad():
+                sampled = F.grid_sample(
+                    logits[i : i + 1], grid, mode="bilinear", align_corners=False
+                )
+            mask = (sampled[0, 0] > 0).cpu().numpy()  # probability > 0.5
+            overlay = mask_overlay(d.content, _content(on_square[i], d.box) > 0)
+            area = int(mask.sum())
+            out.append(
+                (
+                    {"lung_area_fraction": area / mask.size, "lung_area_px": area},
+                    {"mask": mask.astype(np.uint8) * 255, "overlay": overlay},
+                )
+            )
+        return out
+
+
 class _Predictor:
     """Runs one loaded model over batches of decoded images and builds the CSV rows."""
 
@@ -530,8 +671,12 @@ class _Predictor:
         self.loaded = loaded
         self.config = config
         self.device = device
-        self.model = loaded.model.to(device).eval()
-        self.amp = device.type == "cuda"
+        self.core = BatchPredictor(
+            loaded,
+            device,
+            heatmap_steps=config.heatmap_steps,
+            max_batch=max(config.batch_size, 64),
+        )
         out = Path(config.out)
         self.base = out.parent
         self.heatmap_dir = Path(config.heatmap_dir or out.parent / f"{out.stem}_heatmaps")
@@ -566,106 +711,23 @@ class _Predictor:
     def rows(self, batch: list[Decoded]) -> list[dict[str, Any]]:
         ok = [d for d in batch if not d.error]
         rows = {id(d): _error_row(d.file, d.error) for d in batch if d.error}
-        if ok:
-            images = torch.from_numpy(np.stack([d.image for d in ok]))[:, None]
-            if self.device.type == "cuda":
-                images = images.pin_memory()
-            images = images.to(self.device, non_blocking=True)
-            x = self.loaded.preprocessing.model_input(images, self.loaded.in_chans)
-            predict_rows = self._classify if self.loaded.task == "classification" else self._segment
-            for d, row in zip(ok, predict_rows(x, ok), strict=True):
-                rows[id(d)] = {
-                    "file": d.file,
-                    "status": "ok",
-                    "error": "",
-                    "height": d.shape[0],
-                    "width": d.shape[1],
-                    **row,
-                }
+        folders = {"heatmap": self.heatmap_dir, "mask": self.masks_dir, "overlay": self.masks_dir}
+        heatmaps = self.config.heatmaps if self.heatmaps else "off"
+        for d, (values, pictures) in zip(ok, self.core(ok, heatmaps), strict=True):
+            files = {
+                f"{kind}_file": self._write(array, folders[kind] / _output_name(d.file, kind))
+                for kind, array in pictures.items()
+            }
+            rows[id(d)] = {
+                "file": d.file,
+                "status": "ok",
+                "error": "",
+                "height": d.shape[0],
+                "width": d.shape[1],
+                **values,
+                **files,
+            }
         return [rows[id(d)] for d in batch]
-
-    def _classify(self, x: Tensor, ok: list[Decoded]) -> list[dict[str, Any]]:
-        names = self.loaded.class_names
-        with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
-            logits = self.model(x).float()
-        prob = (torch.sigmoid(logits) if self.loaded.multilabel else logits.softmax(-1)).cpu()
-        out: list[dict[str, Any]] = []
-        for p in prob.numpy():
-            row: dict[str, Any] = {f"p_{c}": float(v) for c, v in zip(names, p, strict=True)}
-            if self.loaded.multilabel:
-                row["predicted"] = ";".join(c for c, v in zip(names, p, strict=True) if v >= 0.5)
-            else:
-                row["predicted"] = names[int(p.argmax())]
-            out.append(row)
-        if self.heatmaps:
-            self._explain(x, logits, prob, ok, out)
-        return out
-
-    def _explain(
-        self, x: Tensor, logits: Tensor, prob: Tensor, ok: list[Decoded], out: list[dict]
-    ) -> None:
-        """Explanation overlays for the images that ``--heatmaps`` selects (all or positive)."""
-        if self.config.heatmaps == "all":
-            chosen = torch.ones(len(ok), dtype=torch.bool)
-        elif self.loaded.multilabel:
-            chosen = (prob >= 0.5).any(dim=1)
-        else:
-            chosen = prob.argmax(dim=1) != 0  # the first class is the reference (normal)
-        for row in out:
-            row.update(heatmap_file=None, heatmap_completeness_gap=float("nan"))
-        index = torch.nonzero(chosen).flatten()
-        if len(index) == 0:
-            return
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
-            found = explain(
-                self.model,
-                x[index.to(x.device)],
-                logits.argmax(dim=1)[index.to(logits.device)],
-                steps=self.config.heatmap_steps,
-                multilabel=self.loaded.multilabel,
-                max_batch=max(self.config.batch_size, 64),
-            )
-        square = self.loaded.preprocessing.store_image_size
-        heat = upsample_maps(found.maps, square).cpu().numpy()
-        for j, i in enumerate(index.tolist()):
-            d, row = ok[i], out[i]
-            overlay = heatmap_overlay(_content(d.image, d.box), _content(heat[j], d.box))
-            row["heatmap_file"] = self._write(
-                overlay, self.heatmap_dir / _output_name(d.file, "heatmap")
-            )
-            row["heatmap_completeness_gap"] = float(found.completeness_gap[j])
-
-    def _segment(self, x: Tensor, ok: list[Decoded]) -> list[dict[str, Any]]:
-        with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
-            logits = self.model(x).float()  # [B, 1, img, img]
-        square = self.loaded.preprocessing.store_image_size
-        size = (square, square)
-        with torch.no_grad():
-            on_square = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        on_square = on_square[:, 0].cpu().numpy()
-        out = []
-        for i, d in enumerate(ok):
-            grid = original_grid(d.box, d.shape, square, self.device)
-            with torch.no_grad():
-                sampled = F.grid_sample(
-                    logits[i : i + 1], grid, mode="bilinear", align_corners=False
-                )
-            mask = (sampled[0, 0] > 0).cpu().numpy()  # probability > 0.5
-            overlay = mask_overlay(_content(d.image, d.box), _content(on_square[i], d.box) > 0)
-            area = int(mask.sum())
-            out.append(
-                {
-                    "lung_area_fraction": area / mask.size,
-                    "lung_area_px": area,
-                    "mask_file": self._write(
-                        mask.astype(np.uint8) * 255, self.masks_dir / _output_name(d.file, "mask")
-                    ),
-                    "overlay_file": self._write(
-                        overlay, self.masks_dir / _output_name(d.file, "overlay")
-                    ),
-                }
-            )
-        return out
 
 
 def _save_png_named(array: np.ndarray, path: Path) -> Path:
