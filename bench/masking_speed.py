@@ -9,7 +9,7 @@ views each, default config), of :func:`spcxr.pretrain.masking.group_mask` and
 :func:`~spcxr.pretrain.masking.corrupt` at align 1 and 16, and, for scale, of a per-image
 Python loop in the style of the GMML reference (``GMML_drop_rand_patches``: one rectangle per
 iteration until the target area is reached). Every timed call draws from a new step of a
-:class:`~spcxr.pretrain.rng.BatchRandom`, as training does.
+:class:`~spcxr.rng.BatchRandom`, as training does.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 from spcxr.data.augment import AugmentConfig, make_views
 from spcxr.pretrain.masking import MaskingConfig, corrupt, group_mask
-from spcxr.pretrain.rng import BatchRandom
+from spcxr.rng import BatchRandom
 
 
 def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:

@@ -24,7 +24,6 @@ Nothing is unpickled: the model is read from its safetensors file, never from ``
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import inspect
 import json
@@ -74,14 +73,6 @@ class ExportConfig:
     onnx: bool = True
     opset: int = 17
     report: str = ""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_onnx(

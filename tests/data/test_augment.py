@@ -25,7 +25,7 @@ from spcxr.data.augment import (
     render_views,
     sample_view_params,
 )
-from spcxr.pretrain.rng import BatchRandom
+from spcxr.rng import BatchRandom
 
 # Only the crop (and flip, where a test sets it): the geometric tests compare pixel positions.
 PLAIN = AugmentConfig(flip_p=0.0, jitter_p=0.0, blur_p=0.0)

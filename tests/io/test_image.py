@@ -21,7 +21,7 @@ from spcxr.io import (
     read_image,
     sniff_format,
 )
-from spcxr.io.image import new_meta
+from spcxr.io.types import new_meta
 
 RNG = np.random.default_rng(3)
 

@@ -19,6 +19,7 @@ from spcxr.models.vit import (
     convert_in_chans,
     create_encoder,
     load_encoder,
+    map_blocks,
     read_encoder_config,
     save_encoder,
     timm_name,
@@ -370,3 +371,22 @@ def test_save_encoder_rejects_other_suffixes(tiny, tmp_path) -> None:
     with pytest.raises(ValueError, match="mean has 2 values for 1 input channels"):
         save_encoder(tiny, tmp_path / "e.safetensors", mean=(0.5, 0.5))
     assert not Path(tmp_path / "e.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("depth", "expected"),
+    [(12, (6, 8, 10, 12)), (6, (3, 4, 5, 6)), (4, (2, 3, 4)), (24, (12, 16, 20, 24))],
+)
+def test_map_blocks(depth: int, expected: tuple[int, ...]) -> None:
+    assert map_blocks((6, 8, 10, 12), depth) == expected
+
+
+def test_map_blocks_edges() -> None:
+    assert map_blocks((1,), 3) == (1,)  # never below 1
+    assert map_blocks((12, 1), 2) == (1, 2)  # sorted, the last block stays last
+    assert map_blocks((2, 4), 6, reference_depth=4) == (3, 6)
+    for bad in [(), (0,), (13,)]:
+        with pytest.raises(ValueError):
+            map_blocks(bad, 12)
+    with pytest.raises(ValueError, match="depths must be >= 1"):
+        map_blocks((6,), 0)

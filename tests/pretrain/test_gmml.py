@@ -10,7 +10,6 @@ from spcxr.models.vit import create_encoder
 from spcxr.pretrain.gmml import (
     GMMLConfig,
     GMMLModel,
-    map_blocks,
     param_groups,
     reconstruction_loss,
 )
@@ -29,25 +28,6 @@ def tiny_model() -> GMMLModel:
 @pytest.fixture()
 def images() -> torch.Tensor:
     return torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
-
-
-@pytest.mark.parametrize(
-    ("depth", "expected"),
-    [(12, (6, 8, 10, 12)), (6, (3, 4, 5, 6)), (4, (2, 3, 4)), (24, (12, 16, 20, 24))],
-)
-def test_map_blocks(depth: int, expected: tuple[int, ...]) -> None:
-    assert map_blocks((6, 8, 10, 12), depth) == expected
-
-
-def test_map_blocks_edges() -> None:
-    assert map_blocks((1,), 3) == (1,)  # never below 1
-    assert map_blocks((12, 1), 2) == (1, 2)  # sorted, the last block stays last
-    assert map_blocks((2, 4), 6, reference_depth=4) == (3, 6)
-    for bad in [(), (0,), (13,)]:
-        with pytest.raises(ValueError):
-            map_blocks(bad, 12)
-    with pytest.raises(ValueError, match="depths must be >= 1"):
-        map_blocks((6,), 0)
 
 
 def test_config_validation() -> None:

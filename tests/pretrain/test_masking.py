@@ -23,7 +23,7 @@ from spcxr.pretrain.masking import (
     sample_group_masks,
     sample_rectangles,
 )
-from spcxr.pretrain.rng import BatchRandom
+from spcxr.rng import BatchRandom
 
 NOISE, ZEROS, COPY, REPLACE = (KINDS.index(k) for k in ("noise", "zeros", "copy", "replace"))
 

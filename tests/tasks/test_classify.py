@@ -126,7 +126,7 @@ def test_linear_probe_changes_only_the_head(synth_store, tmp_path) -> None:
     torch.manual_seed(0)
     # the encoder of a linear probe is the initial one: rebuild it from the same seed
     from spcxr.models.classifier import build_classifier
-    from spcxr.pretrain.rng import derive_seed
+    from spcxr.rng import derive_seed
 
     torch.manual_seed(derive_seed(0, "init"))
     model, _ = build_classifier(_config(synth_store, "x").model, 2, "scratch")

@@ -5,7 +5,7 @@ Loader workers only slice the prepared store, so a batch reaches the training de
 normalised views per image with a handful of batched tensor operations - no per-image Python
 loop - on whatever device the batch lives on (CPU or CUDA).
 
-The random parameters come from a :class:`~spcxr.pretrain.rng.BatchRandom`, one stream per
+The random parameters come from a :class:`~spcxr.rng.BatchRandom`, one stream per
 parameter (``"aug/crop"``, ``"aug/offset"``, ``"aug/flip"``, ``"aug/jitter"``, ``"aug/order"``,
 ``"aug/blur"``, ``"aug/bright"``, ``"aug/contrast"``, ``"aug/sigma"``). Each view's parameters
 are a function of ``(seed, step, stream, global view index)`` only, so under
@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spcxr.pretrain.rng import BatchRandom
+from spcxr.rng import BatchRandom
 
 # torchvision's RandomResizedCrop tries this many (area, ratio) draws before its fallback.
 _CROP_ATTEMPTS = 10
@@ -220,8 +220,7 @@ def sample_view_params(
     """
     if not isinstance(rnd, BatchRandom):
         raise TypeError(
-            f"sample_view_params: expected a spcxr.pretrain.rng.BatchRandom, "
-            f"got {type(rnd).__name__}"
+            f"sample_view_params: expected a spcxr.rng.BatchRandom, got {type(rnd).__name__}"
         )
     n = batch * cfg.n_views
     if rnd.count != n:

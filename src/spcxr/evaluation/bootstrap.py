@@ -17,7 +17,7 @@ from scipy import stats
 
 from spcxr.evaluation.metrics import flatten_scalars
 
-__all__ = ["GroupIndex", "bootstrap_ci", "fold_summary", "summarize_folds"]
+__all__ = ["GroupIndex", "bootstrap_ci", "fold_summary", "split_ci", "summarize_folds"]
 
 
 class GroupIndex:
@@ -187,3 +187,9 @@ def summarize_folds(
     flats = [flatten_scalars(d) for d in per_fold]
     keys = list(dict.fromkeys(key for flat in flats for key in flat))
     return {key: fold_summary([flat.get(key, np.nan) for flat in flats], level) for key in keys}
+
+
+def split_ci(ci: dict[str, Any]) -> dict[str, Any]:
+    """bootstrap_ci's result as metrics (intervals), point estimates and bootstrap details."""
+    details = {k: v for k, v in ci.items() if k not in ("intervals", "point")}
+    return {"metrics": ci["intervals"], "point": ci["point"], "bootstrap": details}

@@ -60,6 +60,7 @@ from spcxr.data.prepare import fit_square
 from spcxr.data.store import naming
 from spcxr.explain.heatmaps import explain, heatmap_overlay, mask_overlay, save_png, upsample_maps
 from spcxr.io import DEFAULT_MAX_PIXELS, DicomOptions, ImageReadError, read_image
+from spcxr.io.types import IMAGE_SUFFIXES, is_dicom_file
 from spcxr.train.distributed import resolve_device
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,6 @@ __all__ = [
     "run_predict",
 ]
 
-IMAGE_SUFFIXES = frozenset({".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 _GLOB_CHARS = frozenset("*?[")
 _MIN_SIDE = 8  # as spcxr prepare: smaller images are unusable
 _MODEL_META = "model.json"
@@ -156,14 +156,6 @@ class PredictConfig:
 # inputs
 
 
-def _looks_like_dicom(path: Path) -> bool:
-    try:
-        with path.open("rb") as handle:
-            return handle.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
-
-
 def _link_problem(path: Path) -> str | None:
     """Why a symbolic link cannot be followed (a loop, a missing target), else ``None``."""
     if not path.is_symlink():
@@ -195,7 +187,7 @@ def _folder_images(folder: Path, problems: list[tuple[str, str]]) -> Iterator[Pa
             if name.startswith("."):
                 continue
             path = Path(root) / name
-            if path.suffix.lower() in IMAGE_SUFFIXES or _looks_like_dicom(path):
+            if path.suffix.lower() in IMAGE_SUFFIXES or is_dicom_file(path):
                 yield path
             elif (reason := _link_problem(path)) is not None:
                 # os.walk lists a looping or dangling link (to a folder, an extensionless

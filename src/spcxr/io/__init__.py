@@ -1,16 +1,16 @@
 """Image readers: DICOM, PNG, JPEG and TIFF to float32 ``[H, W]`` in ``[0, 1]`` (bones bright)."""
 
 from spcxr.io.dicom import DicomOptions, NotDicomError, parse_age, read_dicom
-from spcxr.io.image import (
+from spcxr.io.image import read_image
+from spcxr.io.raster import read_mask, read_raster, significant_bits
+from spcxr.io.types import (
     DEFAULT_MAX_PIXELS,
     META_KEYS,
     ImageReadError,
     ImageTooLargeError,
     LoadedImage,
-    read_image,
     sniff_format,
 )
-from spcxr.io.raster import read_mask, read_raster, significant_bits
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",

@@ -60,7 +60,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from spcxr.io.image import ImageReadError, LoadedImage, check_pixels, new_meta, read_head
+from spcxr.io.types import ImageReadError, LoadedImage, check_pixels, new_meta, read_head
 
 Windowing = Literal["auto", "voi", "percentile", "full"]
 
@@ -76,8 +76,13 @@ _LUMA = (0.299, 0.587, 0.114)
 # The percentile window is estimated on a regular subsample of about this many pixels
 # (a 0.5 % tail still holds thousands of them); smaller images use every pixel.
 _PERCENTILE_SAMPLES = 1 << 20
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([DWMY]?)\s*$", re.IGNORECASE)
-_AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0, "": 1.0}
+_AGE = re.compile(
+    r"^\s*(\d+(?:\.\d+)?)\s*(y|yr|yrs|year|years|m|mo|month|months|w|wk|week|weeks|d|day|days)?"
+    r"\s*\.?\s*$",
+    re.IGNORECASE,
+)
+_AGE_UNIT_YEARS = {"y": 1.0, "m": 1 / 12, "w": 7 / 365.25, "d": 1 / 365.25}
+MAX_AGE_YEARS = 120.0
 
 
 class NotDicomError(ImageReadError):
@@ -142,7 +147,7 @@ def read_dicom(
     Args:
         path: The DICOM file (any extension, with or without preamble).
         options: Windowing and parsing options (defaults to ``DicomOptions()``).
-        max_pixels: refuse (:class:`~spcxr.io.image.ImageTooLargeError`) a frame of more
+        max_pixels: refuse (:class:`~spcxr.io.types.ImageTooLargeError`) a frame of more
             pixels (Rows x Columns from the header), before decoding it.
 
     Returns:
@@ -182,18 +187,23 @@ def read_dicom(
     return LoadedImage(pixels=pixels, meta=meta)
 
 
-def parse_age(text: str | None) -> float | None:
-    """Parse a DICOM Age String ("062Y", "006M", "003W", "010D"; bare "62" = years) to years.
+def parse_age(value: Any) -> float | None:
+    """Age in years from a DICOM Age String ("062Y", "006M", "003W", "010D") or a manifest cell
+    (``58``, ``"45yrs"``, ``"6 months"``; a bare number is years).
 
     Returns:
-        The age in years, or None when ``text`` is empty or not an age.
+        The age, or None for an empty, unparseable or implausible (negative, > 120 years) value.
     """
-    if not text:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        years = float(value)
+    else:
+        match = _AGE.match(str(value)) if value else None
+        if match is None:
+            return None
+        years = float(match.group(1)) * _AGE_UNIT_YEARS[(match.group(2) or "y")[0].lower()]
+    if math.isnan(years) or years < 0 or years > MAX_AGE_YEARS:
         return None
-    match = _AGE.match(text)
-    if match is None:
-        return None
-    return float(match.group(1)) * _AGE_UNIT_YEARS[match.group(2).upper()]
+    return years
 
 
 # --- parsing -----------------------------------------------------------------------------

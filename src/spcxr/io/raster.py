@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from spcxr.io.image import (
+from spcxr.io.types import (
     ImageReadError,
     ImageTooLargeError,
     LoadedImage,

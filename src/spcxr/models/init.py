@@ -41,7 +41,7 @@ from typing import Any
 import safetensors
 import safetensors.torch
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.layers import resample_abs_pos_embed, to_2tuple
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -78,11 +78,8 @@ _ENCODER_PREFIX = "encoder."
 
 def file_sha256(path: str | os.PathLike[str], n_hex: int = 16) -> str:
     """The first ``n_hex`` hex digits of the SHA-256 of a file (read in 1 MiB chunks)."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()[:n_hex]
+        return hashlib.file_digest(handle, "sha256").hexdigest()[:n_hex]
 
 
 def write_model_dir(
@@ -248,7 +245,7 @@ def _encoder_from_state(
     }
     if not encoder_state:
         raise ValueError(f"{path}: holds no 'encoder.*' tensors")
-    source_img = _pair(source["img_size"])
+    source_img = to_2tuple(source["img_size"])
     # Both architectures are built on the meta device (no memory, no random init): the source to
     # compare shapes, the target to receive the loaded tensors (``assign=True``).
     shell = create_encoder(
@@ -262,10 +259,6 @@ def _encoder_from_state(
     _check_shape(shell, target, path, str(target_args["arch"]))
     load_exact(target, _fit_state(encoder_state, target, source_img), path)
     return target
-
-
-def _pair(size: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

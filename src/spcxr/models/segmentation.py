@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from spcxr.config import to_dict
 from spcxr.models.init import load_exact, load_init, read_task_model, write_model_dir
-from spcxr.pretrain.gmml import map_blocks
+from spcxr.models.vit import map_blocks
 
 __all__ = [
     "DECODERS",

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ import safetensors
 import safetensors.torch
 import timm
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.layers import resample_abs_pos_embed, to_2tuple
 from timm.models import adapt_input_conv
 from timm.models.vision_transformer import VisionTransformer
 
@@ -72,6 +72,7 @@ __all__ = [
     "convert_in_chans",
     "create_encoder",
     "load_encoder",
+    "map_blocks",
     "read_encoder_config",
     "save_encoder",
     "timm_name",
@@ -92,10 +93,6 @@ _METADATA_KEY = "spcxr"
 _FORMAT_VERSION = 1
 
 ImageSize = int | tuple[int, int]
-
-
-def _pair(size: ImageSize) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _base_name(arch: str) -> str:
@@ -127,7 +124,7 @@ def timm_name(arch: str, patch_size: int, img_size: ImageSize) -> str:
     if arch not in VARIANTS:
         return _base_name(arch)
     size = arch.removeprefix("vit_")
-    height, width = _pair(img_size)
+    height, width = to_2tuple(img_size)
     candidates = [f"vit_{size}_patch{patch_size}_224", VARIANTS[arch]]
     if height == width:
         candidates.insert(0, f"vit_{size}_patch{patch_size}_{height}")
@@ -173,7 +170,7 @@ def create_encoder(
     kwargs.update(timm_kwargs)  # e.g. num_classes=2 for a classifier
     # Passed explicitly so timm records them in ``model_args`` (exported with the weights).
     if img_size is not None:
-        kwargs["img_size"] = _pair(img_size)
+        kwargs["img_size"] = to_2tuple(img_size)
     if patch_size is not None:
         kwargs["patch_size"] = patch_size
     model = timm.create_model(name, pretrained=False, **kwargs)
@@ -447,7 +444,7 @@ def load_encoder(
     if in_chans is not None:
         args["in_chans"] = in_chans
     if img_size is not None:
-        args["img_size"] = _pair(img_size)
+        args["img_size"] = to_2tuple(img_size)
     overlay = _target_cfg(config["pretrained_cfg"], args["in_chans"], args["img_size"])
     overlay["num_classes"] = args["num_classes"]
     model = timm.create_model(
@@ -468,7 +465,7 @@ def _target_cfg(cfg: Mapping[str, Any], in_chans: int, img_size: ImageSize) -> d
     recorded for another channel count becomes its average, as timm does in that case.
     """
     out = dict(cfg)
-    out["input_size"] = (in_chans, *_pair(img_size))
+    out["input_size"] = (in_chans, *to_2tuple(img_size))
     for key in ("mean", "std"):
         values = list(out[key])
         if len(values) != in_chans:
@@ -499,3 +496,27 @@ def _adapt_state(
         # A classifier of another size (or none): keep the model's own, freshly initialised one.
         state = {k: v for k, v in state.items() if k not in saved} | head
     return state
+
+
+def map_blocks(blocks: Iterable[int], depth: int, reference_depth: int = 12) -> tuple[int, ...]:
+    """Maps 1-based block numbers chosen for ``reference_depth`` onto an encoder of ``depth``.
+
+    Block ``b`` becomes ``ceil(b * depth / reference_depth)``: the same relative position, never
+    below 1, and the last block stays the last. Duplicates are merged.
+
+    Examples:
+        ``(6, 8, 10, 12)``: depth 12 -> ``(6, 8, 10, 12)``, 6 -> ``(3, 4, 5, 6)``,
+        4 -> ``(2, 3, 4)``, 24 -> ``(12, 16, 20, 24)``.
+
+    Raises:
+        ValueError: empty list, a depth below 1, or a block outside ``1..reference_depth``.
+    """
+    blocks = tuple(blocks)
+    if depth < 1 or reference_depth < 1:
+        raise ValueError(f"depths must be >= 1, got {depth} and {reference_depth}")
+    if not blocks:
+        raise ValueError("recon_blocks is empty: choose at least one block")
+    bad = [b for b in blocks if not 1 <= b <= reference_depth]
+    if bad:
+        raise ValueError(f"blocks {bad} are outside 1..{reference_depth} (1-based)")
+    return tuple(sorted({-(-b * depth // reference_depth) for b in blocks}))

@@ -4,7 +4,7 @@ Data path: loader workers slice uint8 batches out of the prepared store; on the 
 each batch becomes ``n_views`` augmented views (:mod:`spcxr.data.augment`), group-masked and
 corrupted (:mod:`spcxr.pretrain.masking`), and the ViT reconstructs the clean views
 (:mod:`spcxr.pretrain.gmml`). Everything random is a function of ``(seed, step, global view)``
-(:mod:`spcxr.pretrain.rng`), so a run is reproducible, resumes exactly and gives the same
+(:mod:`spcxr.rng`), so a run is reproducible, resumes exactly and gives the same
 result on one process or under ``torchrun`` with DistributedDataParallel.
 
 Optimisation follows the reference: AdamW without weight decay on biases and 1-D parameters,
@@ -55,7 +55,7 @@ from spcxr.data.loader import (
 from spcxr.data.store import PreparedStore
 from spcxr.pretrain.gmml import GMMLConfig, GMMLModel, param_groups, reconstruction_loss_terms
 from spcxr.pretrain.masking import Corrupted, MaskingConfig, corrupt
-from spcxr.pretrain.rng import BatchRandom, derive_seed
+from spcxr.rng import BatchRandom, derive_seed
 from spcxr.train import distributed
 from spcxr.train.checkpoint import load_checkpoint, save_checkpoint
 from spcxr.train.logging import RunLogger
@@ -433,7 +433,7 @@ class Pretrainer:
         """Augments, masks and corrupts one micro-batch of uint8 images for ``micro_step``.
 
         Uses no global random generator (every draw comes from the step's
-        :class:`~spcxr.pretrain.rng.BatchRandom`), so it may run ahead of the training step,
+        :class:`~spcxr.rng.BatchRandom`), so it may run ahead of the training step,
         on another CUDA stream, without changing anything that is computed.
         """
         views, corrupted = self.corrupt_batch(images_u8, micro_step)

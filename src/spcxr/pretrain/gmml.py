@@ -11,7 +11,7 @@ L1 over the corrupted pixels.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,13 +22,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from spcxr.models.heads import ReconstructionHead
-from spcxr.models.vit import create_encoder
+from spcxr.models.vit import create_encoder, map_blocks
 
 __all__ = [
     "LOSS_ON",
     "GMMLConfig",
     "GMMLModel",
-    "map_blocks",
     "param_groups",
     "reconstruction_loss",
 ]
@@ -73,30 +72,6 @@ class GMMLConfig:
                 f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
             )
         map_blocks(self.recon_blocks, self.recon_reference_depth, self.recon_reference_depth)
-
-
-def map_blocks(blocks: Iterable[int], depth: int, reference_depth: int = 12) -> tuple[int, ...]:
-    """Maps 1-based block numbers chosen for ``reference_depth`` onto an encoder of ``depth``.
-
-    Block ``b`` becomes ``ceil(b * depth / reference_depth)``: the same relative position, never
-    below 1, and the last block stays the last. Duplicates are merged.
-
-    Examples:
-        ``(6, 8, 10, 12)``: depth 12 -> ``(6, 8, 10, 12)``, 6 -> ``(3, 4, 5, 6)``,
-        4 -> ``(2, 3, 4)``, 24 -> ``(12, 16, 20, 24)``.
-
-    Raises:
-        ValueError: empty list, a depth below 1, or a block outside ``1..reference_depth``.
-    """
-    blocks = tuple(blocks)
-    if depth < 1 or reference_depth < 1:
-        raise ValueError(f"depths must be >= 1, got {depth} and {reference_depth}")
-    if not blocks:
-        raise ValueError("recon_blocks is empty: choose at least one block")
-    bad = [b for b in blocks if not 1 <= b <= reference_depth]
-    if bad:
-        raise ValueError(f"blocks {bad} are outside 1..{reference_depth} (1-based)")
-    return tuple(sorted({-(-b * depth // reference_depth) for b in blocks}))
 
 
 class GMMLModel(nn.Module):

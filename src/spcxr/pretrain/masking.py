@@ -8,7 +8,7 @@ reference code (``GMML_drop_rand_patches`` / ``GMML_replace_list`` in the author
 batch is masked and corrupted with a fixed number of tensor operations per round, on whatever
 device the views live on (CPU or CUDA).
 
-All randomness comes from a :class:`~spcxr.pretrain.rng.BatchRandom`, one named stream per kind of
+All randomness comes from a :class:`~spcxr.rng.BatchRandom`, one named stream per kind of
 draw (``"mask/target"``, ``"mask/kind"``, ``"mask/replace"``, ``"mask/donor"``, ``"mask/shift"``,
 ``"mask/noise"`` and ``"mask/rect/round{r}"`` for rectangle round ``r``), so every number drawn
 for a view is a function of ``(seed, step, stream, global view index)`` only: a run split over
@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from spcxr.pretrain.rng import BatchRandom
+from spcxr.rng import BatchRandom
 
 KINDS: tuple[str, ...] = ("noise", "zeros", "copy", "replace")
 """Corruption kinds; :attr:`Corrupted.kind` indexes into this tuple."""
@@ -601,9 +601,7 @@ def _expand_cells(cells: Tensor, height: int, width: int, align: int) -> Tensor:
 def _check_rnd(rnd: BatchRandom, n: int, device: torch.device, where: str) -> None:
     """Raises unless ``rnd`` draws for exactly ``n`` views on ``device``."""
     if not isinstance(rnd, BatchRandom):
-        raise TypeError(
-            f"{where}: expected a spcxr.pretrain.rng.BatchRandom, got {type(rnd).__name__}"
-        )
+        raise TypeError(f"{where}: expected a spcxr.rng.BatchRandom, got {type(rnd).__name__}")
     if rnd.count != n:
         raise ValueError(f"{where}: the BatchRandom draws for {rnd.count} views, but there are {n}")
     same_index = (

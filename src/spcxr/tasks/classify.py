@@ -38,7 +38,7 @@ from spcxr.models.classifier import (
     load_classifier,
     save_classifier,
 )
-from spcxr.pretrain.rng import derive_seed
+from spcxr.rng import derive_seed
 from spcxr.tasks.labels import LabelConfig, resolve_classes, targets, usable
 from spcxr.tasks.loop import (
     StepBatches,

@@ -25,6 +25,7 @@ import pandas as pd
 
 from spcxr.atomic import atomic_write_text
 from spcxr.data.store import PreparedStore
+from spcxr.evaluation.bootstrap import split_ci
 from spcxr.tasks.labels import LabelConfig, targets, usable
 from spcxr.train.distributed import resolve_device
 
@@ -232,7 +233,7 @@ def _evaluate_classifier(run: Path, model, meta: dict, info: dict, config, out: 
         )
         entry["eval"][s.source] = {
             "data": _describe(s, classes, multilabel),
-            **_split_ci(ci),
+            **split_ci(ci),
         }
         pooled_y.append(s.y)
         pooled_p.append(prob)
@@ -261,7 +262,7 @@ def _evaluate_classifier(run: Path, model, meta: dict, info: dict, config, out: 
     if len(entry["eval"]) > 1:
         entry["eval"]["all"] = {
             "data": {"images": len(y), "patients": len(set(g))},
-            **_split_ci(
+            **split_ci(
                 bootstrap_ci(
                     _bind(metric_fn, classes),
                     _codes(g),
@@ -292,12 +293,6 @@ def classification_point(entry: dict) -> dict:
     """Point estimates (incl. the confusion matrix) of a run's pooled evaluation."""
     key = "all" if "all" in entry["eval"] else next(iter(entry["eval"]))
     return entry["eval"][key]["point"]
-
-
-def _split_ci(ci: dict[str, Any]) -> dict[str, Any]:
-    """bootstrap_ci's result as metrics (intervals), point estimates and bootstrap details."""
-    details = {k: v for k, v in ci.items() if k not in ("intervals", "point")}
-    return {"metrics": ci["intervals"], "point": ci["point"], "bootstrap": details}
 
 
 def _bind(metric_fn, classes: list[str]):

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from spcxr.atomic import atomic_write_text
 from spcxr.data.loader import StoreBatches
 from spcxr.data.store import PreparedStore
-from spcxr.pretrain.rng import derive_seed
+from spcxr.rng import derive_seed
 from spcxr.train.checkpoint import load_checkpoint, save_checkpoint
 from spcxr.train.logging import RunLogger
 from spcxr.train.lrd import param_groups_lrd

@@ -37,7 +37,7 @@ from spcxr.models.segmentation import (
     load_segmenter,
     save_segmenter,
 )
-from spcxr.pretrain.rng import derive_seed
+from spcxr.rng import derive_seed
 from spcxr.tasks.classify import describe_rows
 from spcxr.tasks.loop import (
     StepBatches,
@@ -319,10 +319,9 @@ def segment(config: SegmentConfig) -> dict[str, Any]:
 
 def evaluate_segmentation_run(run: Path, info: dict, config, out: Path) -> dict[str, Any]:
     """Dice / IoU / HD95 with patient-bootstrap CIs per test source; per-image scores saved."""
-    from spcxr.evaluation.bootstrap import bootstrap_ci
+    from spcxr.evaluation.bootstrap import bootstrap_ci, split_ci
     from spcxr.evaluation.plots import segmentation_examples
     from spcxr.evaluation.segmetrics import segmentation_scores
-    from spcxr.tasks.evaluate import _split_ci
 
     device = resolve_device(config.device)
     model, meta = load_segmenter(run / "model")
@@ -393,7 +392,7 @@ def evaluate_segmentation_run(run: Path, info: dict, config, out: Path) -> dict[
                     "hd95_undefined": int(np.isnan(arrays["hd95"]).sum()),
                     "grid": f"{store.image_size} px store grid",
                 },
-                **_split_ci(ci),
+                **split_ci(ci),
             }
             frame = pd.DataFrame(
                 {

@@ -22,12 +22,14 @@ from typing import Any, ClassVar, TypeVar
 import pandas as pd
 
 from spcxr.data.records import Record, Skip
+from spcxr.io.dicom import parse_age  # noqa: F401  (one age parser for DICOM and manifests)
+from spcxr.io.types import IMAGE_SUFFIXES
 
 #: Cell values that mean "no value" in the CSVs we read ("?" is ieee8023's "unknown").
 EMPTY_VALUES = frozenset({"", "nan", "none", "null", "na", "n/a", "-", "--", "?"})
 
 #: Image file extensions an adapter lists when it scans folders.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES  # what spcxr.io.read_image reads
 
 #: Spellings of the official split names found in public layouts.
 SPLIT_ALIASES = {
@@ -59,17 +61,10 @@ _VIEW_ALIASES = {
 _SEX_ALIASES = {"m": "M", "male": "M", "f": "F", "female": "F"}
 
 # "045Y" (DICOM age string), "45yrs", "45 years", "6 months", "3W", "10D", "45", "45.5".
-_AGE_RE = re.compile(
-    r"^\s*(\d+(?:\.\d+)?)\s*(y|yr|yrs|year|years|m|mo|month|months|w|wk|week|weeks|d|day|days)?"
-    r"\s*\.?\s*$",
-    re.IGNORECASE,
-)
-_AGE_UNIT_YEARS = {"y": 1.0, "m": 1 / 12, "w": 7 / 365.25, "d": 1 / 365.25}
 
 T = TypeVar("T")
 
 #: Ages above this are data-entry errors (NIH ChestX-ray14's 2017 CSV has ages like 414).
-MAX_AGE_YEARS = 120.0
 
 
 def clean(value: Any) -> str | None:
@@ -116,25 +111,6 @@ def parse_sex(value: Any) -> str | None:
     """``"M"`` / ``"F"`` from M, F, Male, female, ...; anything else (O, Unknown) -> ``None``."""
     text = clean(value)
     return None if text is None else _SEX_ALIASES.get(text.lower())
-
-
-def parse_age(value: Any) -> float | None:
-    """Age in years from ``58``, ``"058Y"``, ``"45yrs"``, ``"6 months"``, ``"10D"``.
-
-    Returns ``None`` for unparseable or implausible (negative, > 120 years) values.
-    """
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        years = float(value)
-    else:
-        text = clean(value)
-        match = _AGE_RE.match(text) if text else None
-        if match is None:
-            return None
-        unit = (match.group(2) or "y")[0].lower()
-        years = float(match.group(1)) * _AGE_UNIT_YEARS[unit]
-    if math.isnan(years) or years < 0 or years > MAX_AGE_YEARS:
-        return None
-    return years
 
 
 def parse_view(value: Any) -> str | None:

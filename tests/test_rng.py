@@ -1,4 +1,4 @@
-"""Tests of the counter-based step randomness (spcxr.pretrain.rng.BatchRandom, hash32)."""
+"""Tests of the counter-based step randomness (spcxr.rng.BatchRandom, hash32)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
-from spcxr.pretrain.rng import BatchRandom, derive_seed, hash32
+from spcxr.rng import BatchRandom, derive_seed, hash32
 
 
 def _lowbias32(x: int) -> int:
