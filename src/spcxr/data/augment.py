@@ -1,42 +1,13 @@
 """Batched, on-device view augmentation for GMML pretraining.
 
 Loader workers only slice the prepared store, so a batch reaches the training device as uint8
-``[B, 1, S, S]`` (square, already padded). This module turns it into ``n_views`` augmented,
-normalised views per image with a handful of batched tensor operations - no per-image Python
-loop - on whatever device the batch lives on (CPU or CUDA).
-
-The random parameters come from a :class:`~spcxr.rng.BatchRandom`, one stream per
-parameter (``"aug/crop"``, ``"aug/offset"``, ``"aug/flip"``, ``"aug/jitter"``, ``"aug/order"``,
-``"aug/blur"``, ``"aug/bright"``, ``"aug/contrast"``, ``"aug/sigma"``). Each view's parameters
-are a function of ``(seed, step, stream, global view index)`` only, so under
-DistributedDataParallel every process renders exactly the views that one process holding the
-whole global batch would (``BatchRandom.for_views``), and a resumed run redraws them.
-
-The recipe is the per-view pipeline of the GMML reference implementation (Atito, Awais, Kittler,
-"GMML is all you need", ICIP 2023), as used by SPCXR (arXiv 2211.12944): torchvision's
+``[B, 1, S, S]``; this module turns it into ``n_views`` augmented, normalised views per image
+with a handful of batched tensor operations (no per-image Python loop). The recipe is the GMML
+reference's per-view torchvision pipeline (Atito et al., ICIP 2023; SPCXR, arXiv 2211.12944):
 ``RandomResizedCrop`` -> ``RandomHorizontalFlip`` -> ``RandomApply(ColorJitter)`` -> random
-Gaussian blur -> ``Normalize``. Each step below matches torchvision's semantics:
-
-- Crop: area fraction ~ U(scale), log aspect ratio ~ U(log ratio), up to 10 attempts, then the
-  centre crop with the ratio clamped into range (``RandomResizedCrop.get_params``). All attempts
-  of all views are drawn at once; each view keeps its first valid attempt.
-- Crop + resize + flip: one affine grid + one ``grid_sample`` (bilinear, ``align_corners=False``)
-  for the whole batch; the flip is the sign of the x scale of the affine matrix.
-- Jitter: ``ColorJitter(brightness=b, contrast=c)`` on one channel, in a random order per view
-  (torchvision permutes its sub-transforms), clamped to [0, 1] after each step.
-- Blur: ``gaussian_blur`` with kernel size ``2 * ceil(3 * sigma) + 1`` and reflect padding, as
-  separable per-view kernels in one grouped convolution.
-
-Random numbers are drawn in a fixed amount per view, whatever the probabilities in the config,
-so two configs that differ only in e.g. ``flip_p`` see the same crops for the same seed and step.
-
-Output layout: view ``v`` of image ``i`` sits at position ``v * B + i``, so
-``views.chunk(n_views)`` gives one tensor per view index, each in batch order (the layout of
-DINO/iBOT multi-view code); ``image_ids`` holds the source index of every view.
-
-Speed (default config, B=64, S=256, out=224, 2 views, float32): about 1,800-2,200 views/s on
-2 CPU cores of the development machine (55-75 ms per batch; much less when other jobs share
-the cores); with S=512 (two pyramid levels) about 600-800 views/s.
+Gaussian blur -> ``Normalize``, each step with torchvision's semantics. Parameters come from a
+:class:`~spcxr.rng.BatchRandom` (a function of seed, step, stream and global view index only).
+Details and measured speed: ``docs/internals.md``.
 """
 
 from __future__ import annotations

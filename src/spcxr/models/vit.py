@@ -1,52 +1,12 @@
 """timm Vision Transformer backbones and their portable weight files.
 
 The backbone is timm's ``VisionTransformer``, configured as in the GMML reference code
-(Atito, Awais, Kittler, "GMML is all you need", ICIP 2023; ``vision_transformer.py``): MLP ratio
-4, qkv bias, LayerNorm eps 1e-6, learned position embedding, a CLS token, stochastic depth 0.1,
-no classifier. SPCXR (Anwar et al., arXiv 2211.12944) uses ViT-S/16 at 224 x 224; chest X-rays are
-grayscale, so one input channel is the default.
-
-Weight files
-------------
-``save_encoder`` writes a plain timm state dict as safetensors. Its header carries a config in
-timm's Hugging Face format (``architecture``, ``num_classes``, ``model_args``, ``pretrained_cfg``,
-plus an ``spcxr`` block), so one file describes itself. Given a folder, it writes timm's local
-folder layout instead: ``model.safetensors`` + ``config.json``. Loading with timm::
-
-    import timm
-
-    # a folder written by save_encoder(encoder, "export/"): everything comes from config.json
-    model = timm.create_model("local-dir:export/", pretrained=True)
-
-    # a single file: name the architecture and tell timm what the file holds
-    model = timm.create_model(
-        "vit_small_patch16_224",
-        pretrained=True,
-        pretrained_cfg_overlay=dict(file="encoder.safetensors", num_classes=0,
-                                    input_size=(1, 224, 224)),
-    )
-    # spcxr.models.vit.timm_overlay("encoder.safetensors") builds exactly that overlay dict.
-
-``num_classes=0`` is required in the overlay (or as a ``create_model`` keyword): the registry
-config says 1000 classes, so timm would otherwise build a 1000-way head and, since the counts
-then agree, load strictly and fail on the missing ``head.weight`` / ``head.bias``. ``input_size``
-tells timm the file's channel count and resolution: without it timm assumes 3 channels and
-224 x 224 (a 1-channel file then loads into an ``in_chans=1`` model with a warning, and into an
-``in_chans=3`` model not at all). Any other keyword still applies: ``num_classes=2`` gives a fresh
-2-way head (timm logs the expected missing head keys), ``img_size=384`` resamples the position
-embedding (timm's ``resample_abs_pos_embed``). When the recorded ``model_args`` hold a patch size
-that differs from the one in the architecture name (e.g. ViT-Ti/8, which timm does not register),
-pass ``patch_size`` too, or timm silently resamples the patch kernel; the folder form needs none
-of this.
-
-Three-channel weights (timm adapts ``in_chans``)
-------------------------------------------------
-* Consume a 1-channel file as a 3-channel model: add ``in_chans=3`` to either call above; timm's
-  ``adapt_input_conv`` repeats the kernel over the channels and divides it by 3, so a gray image
-  replicated 3x gives exactly the 1-channel features.
-* Produce 3-channel weights: ``save_encoder(encoder, path, in_chans=3)`` (the same conversion,
-  ``convert_in_chans``), then load with ``input_size=(3, H, W)`` in the overlay, or with
-  ``local-dir:``. 3 -> 1 sums the kernel over the channels.
+(Atito, Awais, Kittler, "GMML is all you need", ICIP 2023): MLP ratio 4, qkv bias, LayerNorm
+eps 1e-6, learned position embedding, a CLS token, stochastic depth 0.1, no classifier. SPCXR
+(Anwar et al., arXiv 2211.12944) uses ViT-S/16 at 224 x 224; chest X-rays are grayscale, so one
+input channel is the default. ``save_encoder`` writes a plain timm state dict as safetensors
+with a timm-format config; how to load it with timm (and as 3 channels) is in
+``docs/internals.md``.
 """
 
 from __future__ import annotations

@@ -1,53 +1,13 @@
 """GMML group masking and corruption, batched on the training device.
 
-Group-masked model learning (GMML; Atito, Awais, Kittler, "GMML is all you need", ICIP 2023),
-as used by SPCXR (Anwar et al., arXiv 2211.12944), corrupts groups of connected pixels - random
-axis-aligned rectangles - of each view and trains the network to reconstruct them. The
-reference code (``GMML_drop_rand_patches`` / ``GMML_replace_list`` in the authors'
-``datasets_utils.py``) adds one rectangle at a time in a Python loop per image. Here a whole
-batch is masked and corrupted with a fixed number of tensor operations per round, on whatever
-device the views live on (CPU or CUDA).
-
-All randomness comes from a :class:`~spcxr.rng.BatchRandom`, one named stream per kind of
-draw (``"mask/target"``, ``"mask/kind"``, ``"mask/replace"``, ``"mask/donor"``, ``"mask/shift"``,
-``"mask/noise"`` and ``"mask/rect/round{r}"`` for rectangle round ``r``), so every number drawn
-for a view is a function of ``(seed, step, stream, global view index)`` only: a run split over
-several processes (DistributedDataParallel) corrupts each view exactly as one process holding
-the whole global batch would, and a resumed run redraws what the interrupted one would have
-(see :attr:`MaskingConfig.donor_block` for the one draw that looks at other views).
-
-The process, per view (all numbers are :class:`MaskingConfig` fields; defaults = reference):
-
-1. Target fraction ``a ~ U(min(0.5, p), p)``, ``p = max_fraction``.
-2. Rectangles ``i = 0, 1, 2, ...`` are drawn independently (see :func:`sample_rectangles`);
-   the mask is the union of the first ``K`` of them, ``K`` the smallest count whose union covers
-   at least ``a * H * W`` pixels - exactly the reference's ``while mask.sum() < n_drop_pix``
-   loop, so the realised fraction is >= ``a`` and overshoots by less than one rectangle.
-3. One corruption type per view, uniform over ``corruptions``: ``noise`` (``N(0, noise_std)``
-   hashed per view, pixel and channel), ``zeros``, or ``copy`` (see :func:`corrupt`).
-4. With probability ``1 / (k + 1)`` (``k = len(corruptions)``) the corruption is replaced by
-   pasting the co-located pixels of a view of another image (of the same ``donor_block``), over
-   a new group mask whose target is exactly ``replace_fraction``.
-
-How ``K`` is found exactly without a loop over views or rectangles: rectangles are processed in
-rounds of 62 per view. Rectangle ``i`` of a round gets bit ``i`` of an int64. The set of
-rectangles covering pixel ``(y, x)`` is ``row_bits[y] & col_bits[x]``, where ``row_bits[y]``
-has bit ``i`` set iff rectangle ``i`` spans row ``y`` (likewise for columns) - one broadcast
-bitwise AND for the whole batch. The lowest set bit of that word is the index of the *first*
-rectangle covering the pixel, so a per-view histogram of first indices, cumulated, gives the
-covered area of the union of the first ``k`` rectangles for every ``k`` at once, and ``K`` is a
-count of entries below the target. This replaces the binary search over 2-D difference arrays
-(``~log2(R)`` rasterisations per view) by one rasterisation per 62 rectangles; views that need
-more than 62 rectangles go to another round, which only processes those views (the uniforms of
-a round are drawn for every view of the global batch and the unfinished views' rows used, so a
-view's rectangles never depend on which other views are still unfinished). The number of
-rounds is ``ceil(max K / 62)`` over the batch: 2 at the defaults (224 px, align 1 or 16: K
-averages 57 / 38 and rarely exceeds ~110), set by the tail of the rectangle process rather than
-by the batch size (the operation count per round is the same for 16 or 1024 views). Each round
-needs one host sync (to know whether any view is unfinished); the noise corruption adds one
-(it is computed for the noise views only).
-With ``align > 1`` everything is done on the grid of ``align x align`` cells and expanded at the
-end, which is exact because rectangles are snapped to that grid.
+GMML (Atito, Awais, Kittler, "GMML is all you need", ICIP 2023), as used by SPCXR (Anwar et al.,
+arXiv 2211.12944), corrupts groups of connected pixels - random axis-aligned rectangles - of each
+view and trains the network to reconstruct them. The reference code adds one rectangle at a time
+in a Python loop per image; here a whole batch is masked with a fixed number of tensor operations
+per round, on the views' device. Every draw comes from a :class:`~spcxr.rng.BatchRandom`, so a
+view's corruption depends only on ``(seed, step, stream, global view index)``: the same on 1 or N
+processes and after a resume. The per-view process (defaults = the reference) and how the number
+of rectangles is found without a loop are described in ``docs/internals.md``.
 """
 
 from __future__ import annotations

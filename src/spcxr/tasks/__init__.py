@@ -1,0 +1,1 @@
+"""Downstream tasks: classification fine-tuning / linear probing, lung segmentation, evaluation."""
