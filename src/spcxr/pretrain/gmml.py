@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from spcxr.models.heads import ReconstructionHead
 from spcxr.models.vit import create_encoder, map_blocks
@@ -125,21 +124,17 @@ class GMMLModel(nn.Module):
             final norm, prefix (CLS) tokens dropped.
         """
         enc = self.encoder
-        x = enc.patch_embed(x)  # [B, N, D]; every patch is embedded, masked or not
-        x = enc._pos_embed(x)  # [B, 1 + N, D] with the CLS token
-        x = enc.patch_drop(x)  # identity unless a patch_drop_rate was configured
-        x = enc.norm_pre(x)
-        outputs = []
-        # Blocks after the last chosen one cannot change the result: they are not run.
-        for index, block in enumerate(enc.blocks[: self.recon_blocks[-1]], start=1):
-            if enc.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-            if index in self.recon_blocks:
-                outputs.append(x)
-        x = torch.stack(outputs).mean(dim=0)  # [B, 1 + N, D]
-        return enc.norm(x)[:, enc.num_prefix_tokens :]  # [B, N, D]
+        # timm runs the blocks up to the deepest chosen one only (stop_early) and returns their
+        # patch tokens, prefix (CLS) dropped; the final LayerNorm is per token, so dropping the
+        # prefix before averaging and norming changes nothing.
+        outputs = enc.forward_intermediates(
+            x,
+            indices=[b - 1 for b in self.recon_blocks],
+            stop_early=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+        )  # each [B, N, D]
+        return enc.norm(torch.stack(outputs).mean(dim=0))  # [B, N, D]
 
     def forward(self, x: Tensor) -> Tensor:
         """Reconstructs ``x`` ``[B, C, H, W]`` (the corrupted view) as ``[B, C, H, W]``."""
