@@ -11,7 +11,8 @@ images. Every image goes through the preprocessing recorded with the model at tr
 
 so an image gives the probabilities the evaluation path gives for the same image in a store.
 Files are decoded by a pool of threads (or processes) while the model runs on the previous
-batch; the model runs batched on the device, with bf16 autocast on CUDA.
+batch; the model runs batched on the device, with bf16 autocast on CUDA and on CPUs with native
+bf16 (``precision``).
 
 Outputs: ``file, status ("ok" / "error"), error, height, width`` and
 
@@ -58,7 +59,7 @@ from spcxr.data.augment import AugmentConfig, eval_transform
 from spcxr.data.prepare import fit_square
 from spcxr.explain.heatmaps import explain, heatmap_overlay, mask_overlay, save_png, upsample_maps
 from spcxr.io import DicomOptions, ImageReadError, read_image
-from spcxr.train.distributed import resolve_device
+from spcxr.train.distributed import autocast, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ class PredictConfig:
         out: the CSV written, one row per image.
         batch_size: images per model batch.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:i]``.
+        precision: ``auto`` (bf16 autocast on CUDA and on CPUs with AMX or AVX512-BF16, else
+            float32), ``fp32`` or ``bf16`` (an error on a CPU without native bf16).
         heatmaps: write an explanation overlay per image (classification runs; Integrated
             Gradients of the predicted class, ``heatmap_steps + 1`` forward/backward passes).
         heatmap_steps: path-integral steps of the explanation maps.
@@ -115,6 +118,7 @@ class PredictConfig:
     out: str = "predictions.csv"
     batch_size: int = 64
     device: str = "auto"
+    precision: str = "auto"
     heatmaps: bool = True
     heatmap_steps: int = 16
     heatmap_dir: str = ""
@@ -478,7 +482,7 @@ class _Predictor:
         self.config = config
         self.device = device
         self.model = loaded.model.to(device).eval()
-        self.amp = device.type == "cuda"
+        self.precision = resolve_precision(config.precision, device)
         out = Path(config.out)
         self.base = out.parent
         self.heatmap_dir = Path(config.heatmap_dir or out.parent / f"{out.stem}_heatmaps")
@@ -533,7 +537,7 @@ class _Predictor:
 
     def _classify(self, x: Tensor, ok: list[Decoded]) -> list[dict[str, Any]]:
         names = self.loaded.class_names
-        with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+        with torch.no_grad(), autocast(self.device, self.precision):
             logits = self.model(x).float()
         prob = (torch.sigmoid(logits) if self.loaded.multilabel else logits.softmax(-1)).cpu()
         out: list[dict[str, Any]] = []
@@ -545,7 +549,7 @@ class _Predictor:
                 row["predicted"] = names[int(p.argmax())]
             out.append(row)
         if self.heatmaps:
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+            with autocast(self.device, self.precision):
                 found = explain(
                     self.model,
                     x,
@@ -565,7 +569,7 @@ class _Predictor:
         return out
 
     def _segment(self, x: Tensor, ok: list[Decoded]) -> list[dict[str, Any]]:
-        with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+        with torch.no_grad(), autocast(self.device, self.precision):
             logits = self.model(x).float()  # [B, 1, img, img]
         square = self.loaded.preprocessing.store_image_size
         size = (square, square)
@@ -655,10 +659,12 @@ def run_predict(config: PredictConfig) -> tuple[pd.DataFrame, PredictStats]:
     atomic_write_text(out, frame.to_csv(index=False))
     stats.seconds = time.perf_counter() - started
     log.info(
-        "predicted %d images (%d errors) in %.1f s: %s",
+        "predicted %d images (%d errors) in %.1f s on %s (%s): %s",
         stats.images,
         stats.errors,
         stats.seconds,
+        device,
+        predictor.precision,
         out,
     )
     return frame, stats
