@@ -34,6 +34,11 @@ Model FLOPs per view are counted with ``torch.utils.flop_counter.FlopCounterMode
 bf16 matmul rate measured on the device (``matmul_tflops``) is reported too, with the MFU against
 it.
 
+``--precision compare`` instead measures float32 against bf16 autocast end to end (the
+``spcxr`` phase and the bare step), side by side for each of ``--archs``, phases alternating over
+``--rounds``, and prints one JSON line with the views/s of each and their ratio (bf16 / fp32).
+``--precision auto|fp32|bf16`` sets the precision of the ordinary run.
+
 Prints one JSON line (rank 0) and appends it to ``OUT_DIR/pretrain_throughput.jsonl`` with
 ``--out-dir``. Under ``torchrun --nproc_per_node N`` each rank reads only its slice of every
 global batch (``--batch-size`` is per rank), and views/s are totals over the ranks with the
@@ -46,6 +51,9 @@ Usage:
     # CPU, a small model
     python bench/pretrain_throughput.py --device cpu --arch vit_tiny --img-size 64 \\
         --patch-size 8 --batch-size 16 --steps 6 --warmup 2 --workers 1 --ref-workers 1
+    # CPU, float32 vs bf16 autocast for ViT-Ti/16 and ViT-S/16 at 112 px, batch 32
+    python bench/pretrain_throughput.py --device cpu --precision compare --img-size 112 \\
+        --batch-size 32 --steps 4 --warmup 1 --rounds 2 --workers 1
 """
 
 from __future__ import annotations
@@ -341,7 +349,7 @@ def reference_phase(
         corrupted, masks = reference_replace(clean, corrupted, masks, config.masking)
         if not with_model:
             continue
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with distributed.autocast(device, trainer.precision):
             recon = model(corrupted)
         loss = reconstruction_loss(recon, clean, masks[:, :1], config.model.loss_on)
         loss.backward()
@@ -413,7 +421,10 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.only_build_store:
         return None
     try:
-        result = measure(args, info, store)
+        if args.precision == "compare":
+            result = compare_precisions(args, info, store)
+        else:
+            result = measure(args, info, store)
     finally:
         distributed.barrier()
         if temporary and info.is_main:
@@ -423,20 +434,20 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     return result
 
 
-def measure(
-    args: argparse.Namespace, info: distributed.DistInfo, store: Path
-) -> dict[str, Any] | None:
-    """All phases; the result on rank 0 (``None`` on the other ranks)."""
-    device = info.device
-    config = PretrainConfig(
+def bench_config(
+    args: argparse.Namespace, info: distributed.DistInfo, store: Path, arch: str, precision: str
+) -> PretrainConfig:
+    """The pretraining settings of a measured trainer."""
+    return PretrainConfig(
         store=str(store),
         out=tempfile.mkdtemp(prefix="spcxr_bench_run_"),
         splits=[],
-        model=GMMLConfig(arch=args.arch, img_size=args.img_size, patch_size=args.patch_size),
+        model=GMMLConfig(arch=arch, img_size=args.img_size, patch_size=args.patch_size),
         optim=OptimConfig(warmup_epochs=0),
         batch_size=args.batch_size * info.world_size,
         max_steps=10**6,
         device=args.device,
+        precision=precision,
         workers=args.workers,
         compile=args.compile,
         compile_mode=args.compile_mode,
@@ -445,6 +456,81 @@ def measure(
         progress=False,
         tensorboard=False,
     )
+
+
+def compare_precisions(
+    args: argparse.Namespace, info: distributed.DistInfo, store: Path
+) -> dict[str, Any] | None:
+    """float32 vs bf16 autocast, end to end and bare, per arch; phases alternate per round."""
+    trainers = {
+        (arch, precision): Pretrainer(bench_config(args, info, store, arch, precision))
+        for arch in args.archs
+        for precision in ("fp32", "bf16")
+    }
+    views_per_step = args.batch_size * trainers[next(iter(trainers))].config.augment.n_views
+    prepared = {}
+    for key, trainer in trainers.items():
+        first = next(trainer.batches(steps=1))[0]
+        prepared[key] = (
+            first if isinstance(first, PreparedBatch) else trainer.prepare_batch(first, 0)
+        )
+        bare_phase(trainer, prepared[key], 0, 1)  # first-step allocations, oneDNN primitives
+    timed = {key: (Timed(), Timed()) for key in trainers}
+    waits: dict[tuple[str, str], list[float]] = {key: [] for key in trainers}
+    for _ in range(args.rounds):
+        for key, trainer in trainers.items():
+            seconds, wait = spcxr_phase(trainer, args.warmup, args.steps)
+            timed[key][0].add(args.steps * views_per_step, seconds)
+            waits[key].append(wait)
+            if not args.skip_bare:
+                seconds = bare_phase(trainer, prepared[key], args.warmup, args.steps)
+                timed[key][1].add(args.steps * views_per_step, seconds)
+    rates = {key: (_gather(e.rate, info), _gather(b.rate, info)) for key, (e, b) in timed.items()}
+    if not info.is_main:
+        return None
+    results: dict[str, Any] = {}
+    for arch in args.archs:
+        fp32_e, fp32_b = (sum(v) for v in rates[(arch, "fp32")])
+        bf16_e, bf16_b = (sum(v) for v in rates[(arch, "bf16")])
+        results[arch] = {
+            "fp32_views_per_s": round(fp32_e, 2),
+            "bf16_views_per_s": round(bf16_e, 2),
+            "speedup": round(bf16_e / fp32_e, 3),
+            "bare_fp32_views_per_s": None if args.skip_bare else round(fp32_b, 2),
+            "bare_bf16_views_per_s": None if args.skip_bare else round(bf16_b, 2),
+            "bare_speedup": None if args.skip_bare else round(bf16_b / fp32_b, 3),
+            "data_wait_frac_fp32": round(float(np.mean(waits[(arch, "fp32")])), 4),
+            "data_wait_frac_bf16": round(float(np.mean(waits[(arch, "bf16")])), 4),
+        }
+    for trainer in trainers.values():
+        shutil.rmtree(trainer.config.out, ignore_errors=True)
+    device = info.device
+    return {
+        "bench": "pretrain_precision",
+        "tag": args.tag,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "cpu_bf16": distributed.cpu_bf16_support() if device.type == "cpu" else None,
+        "torch": torch.__version__,
+        "world_size": info.world_size,
+        "threads": torch.get_num_threads(),
+        "img_size": args.img_size,
+        "patch_size": args.patch_size,
+        "batch_images_per_rank": args.batch_size,
+        "views_per_step_per_rank": views_per_step,
+        "workers": args.workers,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "results": results,
+    }
+
+
+def measure(
+    args: argparse.Namespace, info: distributed.DistInfo, store: Path
+) -> dict[str, Any] | None:
+    """All phases; the result on rank 0 (``None`` on the other ranks)."""
+    device = info.device
+    config = bench_config(args, info, store, args.arch, args.precision)
     trainer = Pretrainer(config)
     views_per_step = args.batch_size * config.augment.n_views
     ref_views = args.ref_batch_size * config.augment.n_views
@@ -532,6 +618,7 @@ def measure(
         "batch_images_per_rank": args.batch_size,
         "views_per_step_per_rank": views_per_step,
         "dtype": "bf16 autocast" if trainer.amp else "float32",
+        "precision": trainer.precision,
         "compile": trainer.compiled,
         "compile_mode": config.compile_mode if trainer.compiled else None,
         "fused_optimizer": trainer.fused,
@@ -575,6 +662,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--device", default="auto", help="auto, cpu or cuda")
     add("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     add("--arch", default="vit_small")
+    add(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "compare"),
+        help="compute precision; compare: fp32 vs bf16 side by side for each of --archs",
+    )
+    add("--archs", nargs="+", default=["vit_tiny", "vit_small"], help="--precision compare")
     add("--img-size", type=int, default=224)
     add("--patch-size", type=int, default=16)
     add("--batch-size", type=int, default=256, help="images per step per rank (2 views each)")
@@ -592,6 +686,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--ref-warmup", type=int, default=None, help="default: 2 x ref workers + 1")
     add("--ref-steps", type=int, default=None, help="default: max(steps, 2 x ref workers)")
     add("--skip-reference", action="store_true")
+    add("--skip-bare", action="store_true", help="--precision compare: end to end only")
     add("--reference-pipeline", action="store_true", help="also time its data path alone")
     add("--store", type=Path, help="a prepared store; built there if missing (default: temp)")
     add("--store-images", type=int, default=None, help="images of a built store (2 batches)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,6 +66,16 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     config = resolve(PretrainConfig, args)
     result = pretrain(config)
+    if result.budget_stop:
+        flag = "--" + result.budget_stop.replace("_", "-")
+        again = [a for a in args.argv if a != "--no-resume"]
+        if "--resume" not in again:
+            again.append("--resume")
+        print(
+            f"run {result.run_dir}: {flag} spent at step {result.steps} of {result.total_steps}; "
+            f"checkpoint saved. Continue with: spcxr {shlex.join(again)}"
+        )
+        return 0
     if result.losses:
         first, last = result.losses[0], result.losses[-1]
         print(
@@ -376,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to print a resume command
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

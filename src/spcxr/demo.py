@@ -185,7 +185,7 @@ def _round(entry: dict[str, Any]) -> dict[str, float]:
 
 def _pretrain_summary(run: Path) -> dict[str, Any]:
     lines = (run / "log.jsonl").read_text().splitlines() if (run / "log.jsonl").is_file() else []
-    log_rows = [json.loads(x) for x in lines]
+    log_rows = [r for r in map(json.loads, lines) if "loss" in r]  # not the monitor's rows
     previews = sorted((run / "previews").glob("*.png"))
     return {
         "run": str(run),

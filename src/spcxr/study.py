@@ -345,9 +345,8 @@ def write_results_page(study: Study) -> Path:
         yaml.safe_load((pre / "config.yaml").read_text()) if (pre / "config.yaml").is_file() else {}
     )
     log_path = pre / "log.jsonl"
-    losses = (
-        [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.is_file() else []
-    )
+    rows = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.is_file() else []
+    losses = [r for r in rows if "loss" in r]  # training rows (not the feature monitor's)
     m = store.manifest
     lines = [
         f"# Study results: variant `{config.variant}`",

@@ -394,9 +394,16 @@ def test_compiled_step_gives_the_plain_loss(
     model = GMMLConfig(
         arch="vit_tiny", img_size=32, patch_size=8, drop_path_rate=0.1, recon_blocks=(3,)
     )
-    plain = Pretrainer(_config(tiny_store, tmp_path / "plain", model=model))
+    plain = Pretrainer(_config(tiny_store, tmp_path / "plain", model=model, precision="fp32"))
     compiled = Pretrainer(
-        _config(tiny_store, tmp_path / "compiled", model=model, compile=True, prefetch=True)
+        _config(
+            tiny_store,
+            tmp_path / "compiled",
+            model=model,
+            compile=True,
+            prefetch=True,
+            precision="fp32",
+        )
     )
     assert compiled.compiled and compiled.forward_model is not compiled.model
     _, loss_plain, norm_plain = _two_steps(plain)

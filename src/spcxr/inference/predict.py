@@ -11,7 +11,8 @@ images. Every image goes through the preprocessing recorded with the model at tr
 
 so an image gives the probabilities the evaluation path gives for the same image in a store.
 Files are decoded by a pool of threads (or processes) while the model runs on the previous
-batch; the model runs batched on the device, with bf16 autocast on CUDA.
+batch; the model runs batched on the device, with bf16 autocast on CUDA and on CPUs with native
+bf16 (``precision``).
 
 Outputs: ``file, status ("ok" / "error"), error, height, width`` and
 
@@ -61,7 +62,7 @@ from spcxr.data.store import naming
 from spcxr.explain.heatmaps import explain, heatmap_overlay, mask_overlay, save_png, upsample_maps
 from spcxr.io import DEFAULT_MAX_PIXELS, DicomOptions, ImageReadError, read_image
 from spcxr.io.types import IMAGE_SUFFIXES, is_dicom_file
-from spcxr.train.distributed import resolve_device
+from spcxr.train.distributed import autocast, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,8 @@ class PredictConfig:
         out: the CSV written, one row per image.
         batch_size: images per model batch.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:i]``.
+        precision: ``auto`` (bf16 autocast on CUDA and on CPUs with AMX or AVX512-BF16, else
+            float32), ``fp32`` or ``bf16`` (an error on a CPU without native bf16).
         heatmaps: explanation overlays (classification runs; Integrated Gradients of the
             predicted class, ``heatmap_steps + 1`` forward/backward passes each, so they cost
             far more than the prediction): ``off`` (default), ``positive`` (images predicted as
@@ -126,6 +129,7 @@ class PredictConfig:
     out: str = "predictions.csv"
     batch_size: int = 64
     device: str = "auto"
+    precision: str = "auto"
     heatmaps: str = "off"
     heatmap_steps: int = 16
     heatmap_dir: str = ""
@@ -531,7 +535,9 @@ class BatchPredictor:
 
     Args:
         loaded: the model (moved to ``device`` here).
-        device: where the model runs (bf16 autocast on CUDA).
+        device: where the model runs.
+        precision: ``auto``, ``fp32`` or ``bf16`` (autocast; see
+            :func:`~spcxr.train.distributed.resolve_precision`).
         heatmap_steps: path-integral steps of the explanation maps.
         max_batch: images per forward pass of the explanation.
     """
@@ -543,11 +549,12 @@ class BatchPredictor:
         *,
         heatmap_steps: int = 16,
         max_batch: int = 64,
+        precision: str = "auto",
     ) -> None:
         self.loaded = loaded
         self.device = device
         self.model = loaded.model.to(device).eval()
-        self.amp = device.type == "cuda"
+        self.precision = resolve_precision(precision, device)
         self.heatmap_steps = heatmap_steps
         self.max_batch = max_batch
 
@@ -582,7 +589,7 @@ class BatchPredictor:
         self, x: Tensor, ok: Sequence[Decoded], heatmaps: bool | str
     ) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
         names = self.loaded.class_names
-        with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+        with torch.no_grad(), autocast(self.device, self.precision):
             logits = self.model(x).float()
         prob = (torch.sigmoid(logits) if self.loaded.multilabel else logits.softmax(-1)).cpu()
         out: list[tuple[dict[str, Any], dict[str, np.ndarray]]] = []
@@ -598,7 +605,7 @@ class BatchPredictor:
             for row, _ in out:
                 row["heatmap_completeness_gap"] = float("nan")
             on = chosen.to(x.device)
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+            with autocast(self.device, self.precision):
                 found = explain(
                     self.model,
                     x[on],
@@ -630,7 +637,7 @@ class BatchPredictor:
     def _segment(
         self, x: Tensor, ok: Sequence[Decoded]
     ) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
-        with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+        with torch.no_grad(), autocast(self.device, self.precision):
             logits = self.model(x).float()  # [B, 1, img, img]
         square = self.loaded.preprocessing.store_image_size
         size = (square, square)
@@ -668,6 +675,7 @@ class _Predictor:
             device,
             heatmap_steps=config.heatmap_steps,
             max_batch=max(config.batch_size, 64),
+            precision=config.precision,
         )
         out = Path(config.out)
         self.base = out.parent
@@ -787,10 +795,12 @@ def run_predict(config: PredictConfig) -> tuple[pd.DataFrame, PredictStats]:
         atomic_write_text(out, frame.to_csv(index=False))
     stats.seconds = time.perf_counter() - started
     log.info(
-        "predicted %d images (%d errors) in %.1f s: %s",
+        "predicted %d images (%d errors) in %.1f s on %s (%s): %s",
         stats.images,
         stats.errors,
         stats.seconds,
+        device,
+        predictor.core.precision,
         out,
     )
     return frame, stats

@@ -9,7 +9,14 @@ result on one process or under ``torchrun`` with DistributedDataParallel.
 
 Optimisation follows the reference: AdamW without weight decay on biases and 1-D parameters,
 ``lr = base_lr * global_batch / 256`` with a per-iteration linear warm-up and cosine decay,
-weight decay on a cosine from 0.04 to 0.4, gradient clipping at 3.0, bf16 autocast on CUDA.
+weight decay on a cosine from 0.04 to 0.4, gradient clipping at 3.0. ``precision: auto`` runs bf16
+autocast on CUDA and on CPUs with native bf16 matmuls (AMX / AVX512-BF16: several times the float32
+rate), float32 elsewhere; the loss is computed in float32 either way.
+
+Long runs go in pieces: ``time_budget`` (or ``step_budget``) ends an invocation with a checkpoint
+and exit status 0, and the same command with ``--resume`` continues it, bitwise as if it had never
+stopped. ``monitor_every`` scores the frozen features on labelled validation images along the way
+(:mod:`spcxr.pretrain.monitor`).
 
 Fast path (each a :class:`PretrainConfig` flag whose default ``None`` means "on CUDA, off on the
 CPU", so CPU runs compute exactly what they always did): ``torch.compile`` of the model and the
@@ -30,6 +37,7 @@ import json
 import logging
 import math
 import platform
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +63,7 @@ from spcxr.data.loader import (
 from spcxr.data.store import PreparedStore
 from spcxr.pretrain.gmml import GMMLConfig, GMMLModel, param_groups, reconstruction_loss_terms
 from spcxr.pretrain.masking import Corrupted, MaskingConfig, corrupt
+from spcxr.pretrain.monitor import FeatureMonitor, select_monitor_set
 from spcxr.rng import BatchRandom, derive_seed
 from spcxr.train import distributed
 from spcxr.train.checkpoint import load_checkpoint, save_checkpoint
@@ -111,6 +120,8 @@ class PretrainConfig:
         max_steps: optimisation steps; overrides ``epochs`` when > 0.
         seed: seed of data order, augmentation, masking and initialisation.
         device: ``auto``, ``cpu``, ``cuda``.
+        precision: ``auto`` (bf16 autocast on CUDA and on CPUs with AMX or AVX512-BF16, else
+            float32), ``fp32`` or ``bf16`` (an error on a CPU without native bf16).
         workers: data-loader worker processes per training process.
         compile: ``torch.compile`` the model and the loss (``None``: on CUDA; off on the CPU,
             where compiling takes longer than it saves in a short run).
@@ -124,6 +135,17 @@ class PretrainConfig:
         log_every: steps between log lines.
         preview_every: steps between reconstruction previews (0: once per epoch and at the end).
         preview_images: images shown in a preview.
+        monitor_every: steps between feature-monitor evaluations (0: off): k-NN and linear-probe
+            accuracy of the frozen encoder on labelled validation images (never trained on).
+        monitor_images: images in the monitor's fixed subset.
+        monitor_split: the store split the monitor's images come from.
+        monitor_column: the manifest column with the monitor's labels.
+        monitor_sources: only images of these sources (all when empty).
+        time_budget: wall-clock budget of this invocation, e.g. ``2h``, ``90m``, ``45s``, ``1h30m``
+            (empty: none); when spent, the run checkpoints and exits 0, and the same command with
+            ``--resume`` continues it.
+        step_budget: optimisation steps this invocation runs before it checkpoints and exits
+            (0: no limit); the same mechanism as ``time_budget``.
         resume: continue the run in ``out`` from its checkpoint.
         tensorboard: write TensorBoard scalars.
         progress: show a progress bar.
@@ -143,6 +165,7 @@ class PretrainConfig:
     max_steps: int = 0
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"
     workers: int = 2
     compile: bool | None = None
     compile_mode: str = "default"
@@ -153,6 +176,13 @@ class PretrainConfig:
     log_every: int = 10
     preview_every: int = 0
     preview_images: int = 4
+    monitor_every: int = 0
+    monitor_images: int = 512
+    monitor_split: str = "val"
+    monitor_column: str = "label"
+    monitor_sources: list[str] = field(default_factory=list)
+    time_budget: str = ""
+    step_budget: int = 0
     resume: bool = False
     tensorboard: bool = True
     progress: bool = True
@@ -174,6 +204,14 @@ _RESUMABLE = {
     "max_steps",
     "epochs",
     "device",
+    "precision",
+    "monitor_every",
+    "monitor_images",
+    "monitor_split",
+    "monitor_column",
+    "monitor_sources",
+    "time_budget",
+    "step_budget",
     "compile",
     "compile_mode",
     "fused_optimizer",
@@ -207,6 +245,9 @@ class PretrainResult:
     losses: list[tuple[int, float]]
     views_per_second: float
     encoder_path: Path | None
+    total_steps: int = 0
+    budget_stop: str | None = None
+    """Why this invocation stopped before the end (``time_budget`` / ``step_budget``), else None."""
 
 
 def versions() -> dict[str, str]:
@@ -244,6 +285,23 @@ def set_optimizer_fused(optimizer: torch.optim.Optimizer, fused: bool) -> None:
                 state["step"] = torch.as_tensor(state["step"]).to(device, torch.float32)
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d*)?)\s*([hms]?)")
+
+
+def parse_duration(text: str, flag: str = "--time-budget") -> float | None:
+    """Seconds in ``"2h"``, ``"90m"``, ``"45s"``, ``"1h30m"`` or ``"3600"``; None when empty."""
+    text = str(text).strip().lower()
+    if not text:
+        return None
+    parts = _DURATION.findall(text)
+    if not parts or _DURATION.sub("", text).strip():
+        raise ValueError(f"{flag}: not a duration: {text!r} (e.g. 2h, 90m, 45s, 1h30m)")
+    seconds = sum(float(v) * {"h": 3600, "m": 60, "s": 1, "": 1}[u] for v, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"{flag}: must be positive, got {text!r}")
+    return seconds
+
+
 def select_rows(store: PreparedStore, config: PretrainConfig) -> np.ndarray:
     """The manifest rows pretraining uses (the chosen splits and sources)."""
     rows = store.indices(config.splits or None, source=config.sources or None)
@@ -279,7 +337,12 @@ class Pretrainer:
         self.warmup_steps = round(config.optim.warmup_epochs * self.steps_per_epoch)
         self.base_lr = config.optim.lr * config.batch_size / 256.0
         self.device = self.dist.device
-        self.amp = self.device.type == "cuda"
+        self.cuda = self.device.type == "cuda"
+        self.precision = distributed.resolve_precision(config.precision, self.device)
+        self.amp = self.precision == "bf16"
+        self.time_budget = parse_duration(config.time_budget)
+        if config.step_budget < 0:
+            raise ValueError(f"--step-budget must be >= 0, got {config.step_budget}")
         if config.compile_mode not in COMPILE_MODES:
             raise ValueError(
                 f"compile_mode must be one of {COMPILE_MODES}, got {config.compile_mode!r}"
@@ -287,12 +350,40 @@ class Pretrainer:
         self.compiled = fast_path_flag(config.compile, self.device)
         self.fused = fast_path_flag(config.fused_optimizer, self.device)
         self.prefetch = fast_path_flag(config.prefetch, self.device)
-        if self.amp:
+        if self.cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             # Fixed shapes every step: let cuDNN time its algorithms for the patch embedding
             # and the head's transposed convolution once.
             torch.backends.cudnn.benchmark = True
+
+        self.monitor: FeatureMonitor | None = None
+        if config.monitor_every < 0:
+            raise ValueError(f"--monitor-every must be >= 0, got {config.monitor_every}")
+        if config.monitor_every and self.dist.is_main:
+            subset = select_monitor_set(
+                self.store,
+                split=config.monitor_split,
+                images=config.monitor_images,
+                column=config.monitor_column,
+                sources=config.monitor_sources,
+                seed=config.seed,
+            )
+            overlap = np.intersect1d(subset.rows, self.rows)
+            if len(overlap):
+                raise ValueError(
+                    f"--monitor-split {config.monitor_split!r}: {len(overlap)} monitor images are "
+                    f"also pretrained on (--splits {config.splits}); pick a held-out split"
+                )
+            self.monitor = FeatureMonitor(
+                self.store,
+                subset,
+                img_size=config.model.img_size,
+                in_chans=config.model.in_chans,
+                norm=config.augment,
+                device=self.device,
+                precision=self.precision,
+            )
 
         torch.manual_seed(derive_seed(config.seed, "init"))
         self.model = GMMLModel(config.model).to(self.device)
@@ -367,6 +458,10 @@ class Pretrainer:
             "versions": versions(),
             "world_size": self.dist.world_size,
             "device": str(self.device),
+            "precision": self.precision,
+            "precision_setting": self.config.precision,
+            "cpu_bf16": distributed.cpu_bf16_support() if self.device.type == "cpu" else None,
+            "threads": torch.get_num_threads(),
             "fast_path": {
                 "compile": self.compiled,
                 "compile_mode": self.config.compile_mode if self.compiled else None,
@@ -387,6 +482,17 @@ class Pretrainer:
             "learning_rate": self.base_lr,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if self.monitor is not None:
+            subset = self.monitor.subset
+            info["monitor"] = {
+                "split": self.config.monitor_split,
+                "column": self.config.monitor_column,
+                "classes": subset.classes,
+                "images": len(subset.rows),
+                "per_class": np.bincount(subset.labels, minlength=len(subset.classes)).tolist(),
+                "majority": subset.majority,
+                "note": "labels used only to score frozen features, never for training",
+            }
         atomic_write_text(self.run_dir / "run.json", json.dumps(info, indent=2))
 
     # ----------------------------------------------------------------------------------------
@@ -465,7 +571,7 @@ class Pretrainer:
             sync = a == len(batches) - 1 or not self.dist.distributed
             context = contextlib.nullcontext() if sync else self.forward_model.no_sync()
             with context:
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                with distributed.autocast(self.device, self.precision):
                     recon = self.forward_model(batch.corrupted.images)
                 loss_sum, count = loss_terms(
                     recon, batch.views, batch.corrupted.mask, config.model.loss_on
@@ -515,7 +621,7 @@ class Pretrainer:
             steps_per_epoch=self.steps_per_epoch * accum,  # whole optimisation steps
         )
         loader = make_loader(
-            StoreBatches(self.store), sampler, workers=config.workers, pin_memory=self.amp
+            StoreBatches(self.store), sampler, workers=config.workers, pin_memory=self.cuda
         )
         micro_batches: Iterator[Tensor | PreparedBatch]
         if self.prefetch:
@@ -556,6 +662,8 @@ class Pretrainer:
         last_good = self.step if self.checkpoint_path.exists() else None
         vps = 0.0
         preview_every = config.preview_every or self.steps_per_epoch
+        started, first_step = time.monotonic(), self.step
+        budget_stop: str | None = None
         self.model.train()
         try:
             while self.step < self.total_steps:
@@ -596,18 +704,31 @@ class Pretrainer:
                     window_steps, window_start = 0, time.perf_counter()
                 if self.step % preview_every == 0 or done:
                     self.preview()
-                if self.step % config.checkpoint_every == 0 or done:
+                if config.monitor_every and (self.step % config.monitor_every == 0 or done):
+                    self.run_monitor(logger)
+                if not done:
+                    budget_stop = self._budget_spent(started, first_step)
+                if self.step % config.checkpoint_every == 0 or done or budget_stop:
                     self._check_finite(bad_step, last_good)
                     self.save()
                     last_good = self.step
-                if done:
+                if done or budget_stop:
                     break
         finally:
             step_batches.close()  # stops the loader workers
             bar.close()
             logger.close()
-        encoder_path = self.export() if self.dist.is_main else None
+        # A piece of a longer run exports nothing: an encoder/ folder marks a finished run.
+        encoder_path = self.export() if self.dist.is_main and not budget_stop else None
         distributed.barrier()
+        if budget_stop:
+            log.info(
+                "%s spent at step %d of %d; checkpoint %s",
+                budget_stop,
+                self.step,
+                self.total_steps,
+                self.checkpoint_path,
+            )
         return PretrainResult(
             run_dir=self.run_dir,
             steps=self.step,
@@ -615,7 +736,44 @@ class Pretrainer:
             losses=losses,
             views_per_second=vps,
             encoder_path=encoder_path,
+            total_steps=self.total_steps,
+            budget_stop=budget_stop,
         )
+
+    def _budget_spent(self, started: float, first_step: int) -> str | None:
+        """``"time_budget"`` / ``"step_budget"`` when this invocation's budget is spent.
+
+        Under torchrun the ranks agree (any rank over its time budget stops all of them), so
+        every process checkpoints and leaves at the same step.
+        """
+        config = self.config
+        spent = None
+        if config.step_budget and self.step - first_step >= config.step_budget:
+            spent = "step_budget"
+        elif self.time_budget is not None:
+            over = float(time.monotonic() - started >= self.time_budget)
+            if self.dist.distributed:
+                over = float(distributed.all_reduce_sum(torch.tensor(over, device=self.device)))
+            spent = "time_budget" if over > 0 else None
+        return spent
+
+    def run_monitor(self, logger: RunLogger) -> dict[str, float] | None:
+        """Scores the frozen encoder's features (main process); logs them under ``monitor/``."""
+        if self.monitor is None:
+            return None
+        began = time.perf_counter()
+        scores = self.monitor(self.model.encoder)
+        scores["seconds"] = time.perf_counter() - began
+        scores["epoch"] = self.step / self.steps_per_epoch
+        logger.log(self.step, {"kind": "monitor", **scores}, prefix="monitor")
+        log.info(
+            "monitor step %d: k-NN %.3f, linear probe %.3f (majority %.3f)",
+            self.step,
+            scores["knn_acc"],
+            scores["probe_acc"],
+            scores["majority"],
+        )
+        return scores
 
     def _check_finite(self, bad_step: Tensor, last_good: int | None) -> None:
         first = int(bad_step)
@@ -669,7 +827,7 @@ class Pretrainer:
         corrupted = corrupt(views, torch.arange(n, device=self.device), self.config.masking, rnd)
         was_training = self.model.training
         self.model.eval()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with distributed.autocast(self.device, self.precision):
             recon = self.model(corrupted.images).float()
         self.model.train(was_training)
         path = self.run_dir / "previews" / f"step_{self.step:07d}.png"

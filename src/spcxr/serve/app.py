@@ -82,6 +82,8 @@ class ServeConfig:
             models to the network, without authentication).
         port: TCP port.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:i]``.
+        precision: ``auto`` (bf16 autocast on CUDA and on CPUs with native bf16), ``fp32`` or
+            ``bf16``.
         max_batch: most images per model batch.
         max_wait_ms: how long the first image of a batch may wait for others (milliseconds).
         max_queue: most images queued or in prediction at a time; beyond it requests get 503
@@ -100,6 +102,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"
+    precision: str = "auto"
     max_batch: int = 32
     max_wait_ms: float = 10.0
     max_queue: int = 256
@@ -250,6 +253,7 @@ class Service:
                 self.device,
                 heatmap_steps=config.heatmap_steps,
                 max_batch=max(config.max_batch, 64),
+                precision=config.precision,
             )
             self.models[name] = _Served(name, loaded, predictor, _card_summary(name, loaded))
             log.info("serving %s (%s) from %s", name, loaded.task, loaded.folder)

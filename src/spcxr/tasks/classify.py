@@ -49,7 +49,7 @@ from spcxr.tasks.loop import (
     preprocessing_record,
     write_train_rows,
 )
-from spcxr.train.distributed import resolve_device
+from spcxr.train.distributed import autocast, resolve_device, resolve_precision
 from spcxr.versions import library_versions
 
 log = logging.getLogger(__name__)
@@ -214,15 +214,17 @@ def predict_store(
     multilabel: bool,
     device: torch.device,
     batch_size: int = 256,
+    precision: str = "auto",
 ) -> np.ndarray:
-    """Class probabilities of ``rows`` (softmax, or sigmoid per finding)."""
+    """Class probabilities of ``rows`` (softmax, or sigmoid per finding; ``precision``: see
+    :func:`~spcxr.train.distributed.resolve_precision`)."""
     model.eval()
     out = []
-    amp = device.type == "cuda"
+    precision = resolve_precision(precision, device)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         images = torch.from_numpy(store.images(chunk)).unsqueeze(1).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, precision):
             logits = model(prepare_inputs(images, img_size, in_chans)).float()
         out.append((torch.sigmoid(logits) if multilabel else logits.softmax(-1)).cpu())
     if not out:
@@ -261,6 +263,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         raise ValueError("finetune: --store is required (a folder written by `spcxr prepare`)")
     run_dir = Path(config.out)
     device = resolve_device(config.train.device)
+    precision = resolve_precision(config.train.precision, device, flag="--train-precision")
     store = PreparedStore(config.store)
     rows = select_rows(store, config)
     multilabel = config.labels.multilabel
@@ -328,6 +331,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
             in_chans=chans,
             multilabel=multilabel,
             device=device,
+            precision=precision,
         )
         return validation_metrics(y_eval, prob, rows.classes, multilabel)
 
@@ -363,6 +367,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         "seed": config.train.seed,
         "versions": library_versions(),
         "device": str(device),
+        "precision": precision,
         "init": init_info,
         "data": data,
         "select": select,

@@ -27,7 +27,7 @@ from spcxr.atomic import atomic_write_text
 from spcxr.data.store import PreparedStore
 from spcxr.evaluation.bootstrap import split_ci
 from spcxr.tasks.labels import LabelConfig, targets, usable
-from spcxr.train.distributed import resolve_device
+from spcxr.train.distributed import resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class EvaluateConfig:
         level: confidence level of the intervals.
         seed: bootstrap seed.
         device: ``auto``, ``cpu`` or ``cuda``.
+        precision: ``auto`` (bf16 autocast on CUDA and on CPUs with AMX or AVX512-BF16, else
+            float32), ``fp32`` or ``bf16`` (an error on a CPU without native bf16).
         batch_size: inference batch size.
         labels: rename labels of the test data (for stores whose vocabulary differs from the
             training store's); empty: the run's own label settings.
@@ -65,6 +67,7 @@ class EvaluateConfig:
     level: float = 0.95
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"
     batch_size: int = 128
     labels: list[str] = field(default_factory=list)
 
@@ -145,7 +148,13 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     out = Path(config.out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
-    results: dict[str, Any] = {"config": _plain_config(config), "runs": {}}
+    config.precision = resolve_precision(config.precision, device)
+    results: dict[str, Any] = {
+        "config": _plain_config(config),
+        "device": str(device),
+        "precision": config.precision,
+        "runs": {},
+    }
     for run_text in config.runs:
         run = Path(run_text)
         info = json.loads((run / "run.json").read_text())
@@ -218,6 +227,7 @@ def _evaluate_classifier(run: Path, model, meta: dict, info: dict, config, out: 
             multilabel=multilabel,
             device=device,
             batch_size=config.batch_size,
+            precision=config.precision,
         )
         groups = s.store.manifest["group"].iloc[s.rows].to_numpy()
         # Patient groups are store-local ids: prefix with the store so pooling stays correct.

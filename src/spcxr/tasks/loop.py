@@ -3,7 +3,7 @@
 Recipe (METHOD.md section 2; DeiT / the authors' SiT code, with MAE-style layer-wise lr decay):
 AdamW, ``lr = base_lr * batch / 256``, linear warm-up then cosine to ``min_lr`` per iteration,
 weight decay 0.05 without decay on biases / 1-D parameters, layer-wise lr decay, bf16 autocast on
-CUDA. Model selection and early stopping look at the validation split only; the test split is
+CUDA and on CPUs with native bf16 (``precision: auto``; losses stay float32). Model selection and early stopping look at the validation split only; the test split is
 never read during training.
 
 Every random choice is a function of ``(seed, step)``: the batch order (a permutation per epoch,
@@ -33,6 +33,7 @@ from spcxr.data.loader import StoreBatches
 from spcxr.data.store import PreparedStore
 from spcxr.rng import derive_seed
 from spcxr.train.checkpoint import load_checkpoint, save_checkpoint
+from spcxr.train.distributed import autocast, resolve_precision
 from spcxr.train.logging import RunLogger
 from spcxr.train.lrd import param_groups_lrd
 from spcxr.train.schedule import cosine_schedule
@@ -78,6 +79,8 @@ class TrainConfig:
             (0: never stop early).
         seed: seed of initialisation, batch order, augmentation and stochastic depth.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:i]``.
+        precision: ``auto`` (bf16 autocast on CUDA and on CPUs with AMX or AVX512-BF16, else
+            float32), ``fp32`` or ``bf16`` (an error on a CPU without native bf16).
         workers: loader worker processes (they only slice the store's memory-mapped arrays).
         resume: continue the run in ``out`` from its checkpoint.
         tensorboard: also write TensorBoard scalars.
@@ -91,6 +94,7 @@ class TrainConfig:
     patience: int = 10
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"
     workers: int = 1
     resume: bool = False
     tensorboard: bool = True
@@ -234,7 +238,7 @@ def fit(
     warmup = min(warmup, total // 4)  # tiny budgets: never spend the whole run warming up
     base_lr = config.optim.lr * plan.batch_size / 256.0
     optimizer = make_optimizer(model, config.optim, num_layers)
-    amp = device.type == "cuda"
+    precision = resolve_precision(config.precision, device, flag="--train-precision")
 
     ckpt_path = run_dir / "checkpoint.pt"
     step, best_value, best_step, bad_evals = 0, float("nan"), -1, 0
@@ -266,7 +270,7 @@ def fit(
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             # Stochastic depth and dropout draw from the global RNG: reseed per step (resume).
             torch.manual_seed(derive_seed(config.seed, "step", step))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with autocast(device, precision):
                 loss = loss_fn(batch, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -47,7 +47,7 @@ from spcxr.tasks.loop import (
     preprocessing_record,
     write_train_rows,
 )
-from spcxr.train.distributed import resolve_device
+from spcxr.train.distributed import autocast, resolve_device, resolve_precision
 from spcxr.versions import library_versions
 
 log = logging.getLogger(__name__)
@@ -183,11 +183,12 @@ def predict_masks(
     device: torch.device,
     out_size: int | None = None,
     batch_size: int = 64,
+    precision: str = "auto",
 ) -> np.ndarray:
     """Lung probability maps [n, s, s] (float16) at ``out_size`` (default: the store's size)."""
     model.eval()
     out_size = out_size or store.image_size
-    amp = device.type == "cuda"
+    precision = resolve_precision(precision, device)
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -195,7 +196,7 @@ def predict_masks(
         x = eval_transform(images, img_size, NORM)
         if in_chans != 1:
             x = x.expand(-1, in_chans, -1, -1)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, precision):
             logits = model(x).float()
         if logits.shape[-1] != out_size:
             logits = F.interpolate(
@@ -213,6 +214,7 @@ def segment(config: SegmentConfig) -> dict[str, Any]:
         raise ValueError("segment: --store is required (a folder written by `spcxr prepare`)")
     run_dir = Path(config.out)
     device = resolve_device(config.train.device)
+    precision = resolve_precision(config.train.precision, device, flag="--train-precision")
     store = PreparedStore(config.store)
     train, no_mask_train = mask_rows(store, config.train_split, config.sources)
     val, no_mask_val = mask_rows(store, config.val_split, config.sources)
@@ -256,7 +258,9 @@ def segment(config: SegmentConfig) -> dict[str, Any]:
     val_masks = store.masks(val).astype(bool)
 
     def validate() -> dict[str, float]:
-        prob = predict_masks(model, store, val, img_size=img, in_chans=in_chans, device=device)
+        prob = predict_masks(
+            model, store, val, img_size=img, in_chans=in_chans, device=device, precision=precision
+        )
         pred = prob > 0.5
         inter = (pred & val_masks).sum((1, 2))
         total = pred.sum((1, 2)) + val_masks.sum((1, 2))
@@ -282,6 +286,7 @@ def segment(config: SegmentConfig) -> dict[str, Any]:
         "seed": config.train.seed,
         "versions": library_versions(),
         "device": str(device),
+        "precision": precision,
         "init": init_info,
         "data": {
             "store": str(Path(config.store).resolve()),
@@ -351,7 +356,13 @@ def evaluate_segmentation_run(run: Path, info: dict, config, out: Path) -> dict[
         for source in sorted(set(sources)):
             r = rows[sources == source]
             prob = predict_masks(
-                model, store, r, img_size=enc["img_size"], in_chans=enc["in_chans"], device=device
+                model,
+                store,
+                r,
+                img_size=enc["img_size"],
+                in_chans=enc["in_chans"],
+                device=device,
+                precision=config.precision,
             )
             pred = prob > 0.5
             true = store.masks(r).astype(bool)
