@@ -170,8 +170,8 @@ def shortcut_table(run_dir: Path, info: Mapping[str, Any], meta: Mapping[str, An
         when the store or the rows are gone, the store changed, or the run is not a
         single-label classification.
     """
+    from spcxr.data.labels import LabelConfig, targets
     from spcxr.data.store import PreparedStore
-    from spcxr.tasks.labels import LabelConfig, targets
 
     data = info.get("data") or {}
     labels = (meta.get("extra") or {}).get("labels")

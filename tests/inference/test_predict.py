@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from spcxr.data.labels import LabelConfig
 from spcxr.data.prepare import fit_square
 from spcxr.data.store import PreparedStore
 from spcxr.inference import PredictConfig, expand_inputs, load_model, predict, run_predict
@@ -19,7 +20,6 @@ from spcxr.inference.predict import original_grid
 from spcxr.models.classifier import ClassifierConfig
 from spcxr.models.segmentation import SegmenterConfig
 from spcxr.tasks.classify import FinetuneConfig, finetune, predict_store
-from spcxr.tasks.labels import LabelConfig
 from spcxr.tasks.loop import FinetuneOptimConfig, TrainConfig
 from spcxr.tasks.segment import SegmentConfig, segment
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from spcxr.data.labels import LabelConfig
 from spcxr.data.store import PreparedStore
 from spcxr.models.classifier import ClassifierConfig
 from spcxr.pretrain.engine import OptimConfig, PretrainConfig, pretrain
 from spcxr.pretrain.gmml import GMMLConfig
 from spcxr.tasks.classify import FinetuneConfig, finetune, load_run_model, predict_store
-from spcxr.tasks.labels import LabelConfig
 from spcxr.tasks.loop import FinetuneOptimConfig, TrainConfig
 from spcxr.train.checkpoint import load_checkpoint
 from spcxr.train.distributed import cpu_bf16_support

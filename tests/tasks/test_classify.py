@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
+from spcxr.data.labels import LabelConfig
 from spcxr.data.store import PreparedStore
 from spcxr.models.classifier import ClassifierConfig
 from spcxr.tasks.classify import FinetuneConfig, finetune, select_rows
-from spcxr.tasks.labels import LabelConfig
 from spcxr.tasks.loop import FinetuneOptimConfig, TrainConfig
 
 ABNORMAL = LabelConfig(

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 from tests.tasks.test_classify import _config
 
+from spcxr.data.labels import LabelConfig
 from spcxr.data.store import PreparedStore
 from spcxr.tasks.classify import FinetuneConfig, finetune, select_rows
 from spcxr.tasks.evaluate import EvaluateConfig, evaluate
-from spcxr.tasks.labels import LabelConfig
 
 
 def _findings_store(synth_store, tmp_path):

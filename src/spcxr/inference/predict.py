@@ -352,9 +352,9 @@ def load_model(run: str | os.PathLike[str]) -> LoadedModel:
 
     Only ``model.safetensors`` and ``model.json`` are read: nothing is unpickled.
     """
+    from spcxr.data.labels import LabelConfig
     from spcxr.models.classifier import load_classifier
     from spcxr.models.segmentation import load_segmenter
-    from spcxr.tasks.labels import LabelConfig
 
     folder = model_folder(run)
     try:

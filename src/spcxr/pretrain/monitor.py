@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from spcxr.data.augment import AugmentConfig, eval_transform
+from spcxr.data.labels import LabelConfig, class_values
 from spcxr.data.store import PreparedStore
-from spcxr.tasks.labels import LabelConfig, class_values
 from spcxr.train.distributed import autocast
 
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)

@@ -30,6 +30,7 @@ from spcxr.config import save_yaml, to_dict
 from spcxr.data.augment import AugmentConfig, eval_transform
 from spcxr.data.budget import kfold_groups, parse_budget, select_budget
 from spcxr.data.finetune_augment import FinetuneAugmentConfig, augment_batch
+from spcxr.data.labels import LabelConfig, resolve_classes, targets, usable
 from spcxr.data.store import PreparedStore
 from spcxr.models.classifier import (
     Classifier,
@@ -39,7 +40,6 @@ from spcxr.models.classifier import (
     save_classifier,
 )
 from spcxr.rng import derive_seed
-from spcxr.tasks.labels import LabelConfig, resolve_classes, targets, usable
 from spcxr.tasks.loop import (
     StepBatches,
     TrainConfig,

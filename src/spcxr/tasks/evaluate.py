@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 
 from spcxr.atomic import atomic_write_text
+from spcxr.data.labels import LabelConfig, targets, usable
 from spcxr.data.store import PreparedStore
 from spcxr.evaluation.bootstrap import split_ci
-from spcxr.tasks.labels import LabelConfig, targets, usable
 from spcxr.train.distributed import resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spcxr.tasks.labels import LabelConfig, class_values, resolve_classes, targets, usable
+from spcxr.data.labels import LabelConfig, class_values, resolve_classes, targets, usable
 
 
 def _manifest() -> pd.DataFrame:
