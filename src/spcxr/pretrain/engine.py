@@ -246,7 +246,7 @@ def set_optimizer_fused(optimizer: torch.optim.Optimizer, fused: bool) -> None:
 
 def select_rows(store: PreparedStore, config: PretrainConfig) -> np.ndarray:
     """The manifest rows pretraining uses (the chosen splits and sources)."""
-    rows = store.indices(config.splits or None, source=config.sources or None)
+    rows = store.trainable(store.indices(config.splits or None, source=config.sources or None))
     if len(rows) == 0:
         raise ValueError(
             f"{store.root}: no images in splits {config.splits} / sources {config.sources or 'all'}"
