@@ -122,9 +122,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     config = resolve(EvaluateConfig, args)
     results = evaluate(config)
     for row in results["comparison"]:
+        draws = f", {row['draws']} draws" if row.get("draws", 1) > 1 else ""
         print(
             f"{row['setting']}: {row['init']}, budget {row['budget']} ({row['train_images']} "
-            f"images): {row['metric']} {ci_text(row['value'])}"
+            f"images{draws}), tested on {row['tested_on']}"
+            + (" (external)" if row.get("external") else "")
+            + f": {row['metric']} {ci_text(row['value'])}"
+        )
+    for row in results.get("paired", []):
+        d = row["difference"]
+        kind = f"paired over {d['n']} draws" if d["paired"] else "unpaired"
+        print(
+            f"{row['comparison']}, budget {row['budget']}, tested on {row['tested_on']}: "
+            f"{row['metric']} {ci_text(d)} ({kind})"
         )
     print(f"report: {Path(config.out) / 'report.md'}")
     return 0
