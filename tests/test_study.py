@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from spcxr.config import from_dict
@@ -52,3 +53,127 @@ def test_study_config_resolves_every_run(path: Path, tmp_path: Path) -> None:
     assert set(config.inits) == {"gmml", "scratch"}
     # the k-fold source is left out of the pretraining pool
     assert study._kfold_sources() == ["ieee8023"]
+
+
+def test_tiny_study_keeps_external_test_out_and_pairs_draws(tmp_path: Path) -> None:
+    """A tiny study end to end: an external test source with a planted file (also copied,
+    under another patient id, into the internal source) never reaches pretraining, training
+    or selection; small budgets run one paired draw per budget seed; the results page has the
+    draw and paired tables with the external test beside the internal one."""
+    import json
+    import shutil
+
+    import pandas as pd
+    import yaml
+    from PIL import Image
+    from tests.conftest import write_smooth_images
+
+    from spcxr.data.store import PreparedStore
+    from spcxr.pretrain.engine import select_rows as pretrain_rows
+    from spcxr.tasks.classify import select_rows
+
+    data = tmp_path / "data"
+    write_smooth_images(data / "site", n_patients=24, size=40)
+    write_smooth_images(data / "ext", n_patients=8, size=40)
+    planted = np.random.default_rng(99).integers(0, 255, (40, 40)).astype(np.uint8)
+    Image.fromarray(planted).save(data / "ext" / "abnormal" / "person900_0.png")
+    shutil.copy(
+        data / "ext" / "abnormal" / "person900_0.png", data / "site" / "abnormal" / "person77_0.png"
+    )
+    train = {
+        "epochs": 1, "min_steps": 2, "batch_size": 8, "eval_every": 2, "patience": 0,
+        "workers": 0, "progress": False, "tensorboard": False,
+        "optim": {"lr": 1.0e-3, "warmup_epochs": 0.0},
+    }  # fmt: skip
+    model = {"arch": "vit_tiny", "img_size": 32, "patch_size": 8}
+    config = {
+        "variant": "tiny",
+        "out": str(tmp_path / "study"),
+        "results": str(tmp_path / "results"),
+        "data": str(data),
+        "device": "cpu",
+        "sources": ["site=folder:site", "ext=folder:ext"],
+        "prepare": {"image_size": 40, "workers": 1, "split_fractions": [0.5, 0.2, 0.3]},
+        "pretrain": {
+            "model": model,
+            "batch_size": 8,
+            "max_steps": 2,
+            "workers": 0,
+            "log_every": 1,
+            "checkpoint_every": 2,
+            "preview_every": 0,
+            "progress": False,
+            "tensorboard": False,
+        },
+        "budget_seeds": [0, 1],
+        "finetune": {"model": {**model, "head": "both"}, "train": train},
+        "evaluate": {"n_boot": 50},
+        "tasks": [
+            {
+                "name": "tiny",
+                "sources": ["site"],
+                "external_sources": ["ext"],
+                "labels": {"column": "label", "classes": ["normal", "abnormal"]},
+                "budgets": ["3/class", "all"],
+            }
+        ],
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    study = Study(load_study(path))
+    study.run()
+
+    store = PreparedStore(study.store)
+    m = store.manifest
+    ext = m["source"] == "ext"
+    assert ext.sum() == 17 and set(m.loc[ext, "split"]) == {"test"}
+    # the internal copy of the planted file shares its duplicate group: moved to test as well
+    copy = m["image_path"].str.endswith("person77_0.png")
+    assert copy.sum() == 1 and m.loc[copy, "split"].item() == "test"
+    hidden = set(m.loc[ext | copy, "pixel_hash"])
+    assert len(hidden) == 16 + 1  # the planted image and its copy are one hash
+
+    from spcxr.config import from_dict
+    from spcxr.pretrain.engine import PretrainConfig
+    from spcxr.tasks.classify import FinetuneConfig
+
+    pre_cfg = from_dict(
+        PretrainConfig, yaml.safe_load((study.out / "pretrain" / "config.yaml").read_text())
+    )
+    for splits in (["train"], ["train", "val", "test"]):  # even asked for, test-only rows stay out
+        pre_cfg.splits = splits
+        assert not hidden & set(m["pixel_hash"].iloc[pretrain_rows(store, pre_cfg)])
+    runs = study.runs_of(study.config.tasks[0])
+    names = sorted(r.name for r, _ in runs)
+    assert names == [
+        "gmml_3perclass_draw0", "gmml_3perclass_draw1", "gmml_all",
+        "scratch_3perclass_draw0", "scratch_3perclass_draw1", "scratch_all",
+    ]  # fmt: skip
+    for run, settings in runs:
+        rows = select_rows(store, from_dict(FinetuneConfig, settings))
+        used = set(m["pixel_hash"].iloc[np.concatenate([rows.train, rows.val])])
+        assert not hidden & used
+        trained = set(pd.read_csv(run / "train_rows.csv")["pixel_hash"].astype(str))
+        assert not hidden & trained
+        info = json.loads((run / "run.json").read_text())
+        assert info["data"]["budget_seed"] == settings.get("budget_seed", 0)
+
+    metrics = json.loads((study.out / "reports" / "tiny" / "metrics.json").read_text())
+    entry = metrics["runs"]["gmml_all"]
+    assert entry["eval"]["ext"]["external"] and entry["eval"]["ext"]["data"]["images"] == 17
+    assert "all" not in entry["eval"]  # the external set is never pooled with the internal one
+    paired = [
+        p for p in metrics["paired"]
+        if p["budget"] == "3/class" and p["tested_on"] == "ext" and p["metric"] == "accuracy"
+    ]  # fmt: skip
+    assert len(paired) == 1 and paired[0]["difference"]["paired"]
+    d = paired[0]["difference"]
+    acc = {
+        name: metrics["runs"][name]["eval"]["ext"]["metrics"]["accuracy"]["value"] for name in names
+    }
+    diffs = [acc[f"gmml_3perclass_draw{s}"] - acc[f"scratch_3perclass_draw{s}"] for s in (0, 1)]
+    np.testing.assert_allclose(d["differences"], diffs)
+    assert d["value"] == pytest.approx(np.mean(diffs))
+    page = (tmp_path / "results" / "RESULTS.md").read_text()
+    assert "Paired differences" in page and "Label draws" in page and "ext (external)" in page
+    assert "never pretrained on: ext" in page

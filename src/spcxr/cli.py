@@ -94,27 +94,40 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from spcxr.tasks.classify import FinetuneConfig, finetune
 
     config = resolve(FinetuneConfig, args)
-    info = finetune(config)
-    train = info["data"]["train"]
-    print(
-        f"run {config.out}: {info['steps']} steps in {info['seconds']:.0f} s on {train['images']} "
-        f"images ({train['patients']} patients); best validation {info['select']} "
-        f"{info['best_value']:.4f} at step {info['best_step']}; model: {config.out}/model"
-    )
+    for info in _draws(config, finetune):
+        out = info["run_dir"]
+        train = info["data"]["train"]
+        print(
+            f"run {out}: {info['steps']} steps in {info['seconds']:.0f} s on {train['images']} "
+            f"images ({train['patients']} patients); best validation {info['select']} "
+            f"{info['best_value']:.4f} at step {info['best_step']}; model: {out}/model"
+            + (" (already finished)" if info.get("skipped") else "")
+        )
     return 0
+
+
+def _draws(config, train_fn) -> list[dict]:
+    """One run, or one per label draw with ``--budget-seeds``."""
+    from spcxr.tasks.loop import run_draws
+
+    if config.budget_seeds:
+        return run_draws(config, train_fn)
+    return [{**train_fn(config), "run_dir": config.out}]
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
     from spcxr.tasks.segment import SegmentConfig, segment
 
     config = resolve(SegmentConfig, args)
-    info = segment(config)
-    train = info["data"]["train"]
-    print(
-        f"run {config.out}: {info['steps']} steps in {info['seconds']:.0f} s on {train['images']} "
-        f"images ({train['patients']} patients); best validation Dice {info['best_value']:.4f} "
-        f"at step {info['best_step']}; model: {config.out}/model"
-    )
+    for info in _draws(config, segment):
+        out = info["run_dir"]
+        train = info["data"]["train"]
+        print(
+            f"run {out}: {info['steps']} steps in {info['seconds']:.0f} s on {train['images']} "
+            f"images ({train['patients']} patients); best validation Dice "
+            f"{info['best_value']:.4f} at step {info['best_step']}; model: {out}/model"
+            + (" (already finished)" if info.get("skipped") else "")
+        )
     return 0
 
 
@@ -125,9 +138,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     config = resolve(EvaluateConfig, args)
     results = evaluate(config)
     for row in results["comparison"]:
+        draws = f", {row['draws']} draws" if row.get("draws", 1) > 1 else ""
         print(
             f"{row['setting']}: {row['init']}, budget {row['budget']} ({row['train_images']} "
-            f"images): {row['metric']} {ci_text(row['value'])}"
+            f"images{draws}), tested on {row['tested_on']}"
+            + (" (external)" if row.get("external") else "")
+            + f": {row['metric']} {ci_text(row['value'])}"
+        )
+    for row in results.get("paired", []):
+        d = row["difference"]
+        kind = f"paired over {d['n']} draws" if d["paired"] else "unpaired"
+        print(
+            f"{row['comparison']}, budget {row['budget']}, tested on {row['tested_on']}: "
+            f"{row['metric']} {ci_text(d)} ({kind})"
         )
     print(f"report: {Path(config.out) / 'report.md'}")
     return 0

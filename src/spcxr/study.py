@@ -46,6 +46,11 @@ class StudyTask:
     instead of training new ones, e.g. drift: the pneumonia classifiers trained on Kermany,
     tested on every source with ``test_rename`` mapping the other sources' abnormal labels
     (tuberculosis, covid19, ...) onto the trained positive class.
+
+    ``external_sources`` are external test sets (e.g. Kermany's official test split, Montgomery
+    for lung masks): the study prepares them test-only (never pretrained, trained or selected
+    on) and reports them beside the internal test. ``budget_seeds`` (default: the study's)
+    gives every budget except ``all`` one run per label draw, paired across initialisations.
     """
 
     name: str
@@ -60,6 +65,8 @@ class StudyTask:
     settings: dict[str, Any] = field(default_factory=dict)
     reuse: str = ""
     test_rename: list[str] = field(default_factory=list)
+    external_sources: list[str] = field(default_factory=list)
+    budget_seeds: list[int] | None = None
 
 
 @dataclass
@@ -78,6 +85,7 @@ class StudyConfig:
     segment: dict[str, Any] = field(default_factory=dict)
     evaluate: dict[str, Any] = field(default_factory=dict)
     inits: list[str] = field(default_factory=lambda: ["gmml", "scratch"])
+    budget_seeds: list[int] = field(default_factory=list)
     tasks: list[StudyTask] = field(default_factory=list)
     discussion: str = ""
     device: str = "auto"
@@ -148,7 +156,10 @@ class Study:
         settings = _merge(
             {"sources": sources, "out": str(self.store), "progress": False}, self.config.prepare
         )
-        prepare(from_dict(PrepareConfig, _nest_prepare(settings)))
+        nested = _nest_prepare(settings)
+        split = nested.setdefault("split", {})
+        split["test_only"] = sorted(set(split.get("test_only") or []) | set(self.external()))
+        prepare(from_dict(PrepareConfig, nested))
         self.timings["prepare_s"] = time.perf_counter() - start
         return self.store
 
@@ -193,6 +204,10 @@ class Study:
         self.timings["pretrain_s"] = time.perf_counter() - start
         return run
 
+    def external(self) -> list[str]:
+        """Every task's external test sources (prepared test-only)."""
+        return sorted({s for t in self.config.tasks for s in t.external_sources})
+
     def _kfold_sources(self) -> list[str]:
         return sorted({s for t in self.config.tasks if t.n_folds for s in t.sources})
 
@@ -213,28 +228,43 @@ class Study:
             ]
         runs = []
         base = self.config.segment if task.kind == "segment" else self.config.finetune
+        seeds = self.config.budget_seeds if task.budget_seeds is None else task.budget_seeds
         for init in self.config.inits:
             for budget in task.budgets:
                 folds = range(task.n_folds) if task.n_folds else [None]
+                slug = parse_budget(budget).slug
+                # Repeated label draws at every budget short of all labels (None: one run).
+                draws = list(seeds) if seeds and slug != "all" else [None]
                 for fold in folds:
-                    slug = parse_budget(budget).slug
-                    name = f"{init}_{slug}" + (f"_fold{fold}" if fold is not None else "")
-                    settings = _merge(base, task.settings)
-                    settings.update(
-                        store=str(self.store),
-                        out=str(self.out / "tasks" / task.name / name),
-                        init="scratch" if init == "scratch" else str(self.pretrain_dir),
-                        sources=list(task.sources),
-                        budget=budget,
-                    )
-                    settings.setdefault("train", {})["device"] = self.device
-                    settings["train"]["resume"] = True
-                    if task.kind == "classify":
-                        settings["labels"] = dict(task.labels)
-                        if fold is not None:
-                            settings.update(n_folds=task.n_folds, fold=fold)
-                    runs.append((Path(settings["out"]), settings))
+                    for draw in draws:
+                        name = (
+                            f"{init}_{slug}"
+                            + (f"_fold{fold}" if fold is not None else "")
+                            + (f"_draw{draw}" if draw is not None else "")
+                        )
+                        settings = _merge(base, task.settings)
+                        settings.update(
+                            store=str(self.store),
+                            out=str(self.out / "tasks" / task.name / name),
+                            init="scratch" if init == "scratch" else str(self.pretrain_dir),
+                            sources=list(task.sources),
+                            budget=budget,
+                        )
+                        if draw is not None:
+                            settings["budget_seed"] = int(draw)
+                        runs.append(self._finish_settings(task, settings, fold))
         return runs
+
+    def _finish_settings(
+        self, task: StudyTask, settings: dict[str, Any], fold: int | None
+    ) -> tuple[Path, dict[str, Any]]:
+        settings.setdefault("train", {})["device"] = self.device
+        settings["train"]["resume"] = True
+        if task.kind == "classify":
+            settings["labels"] = dict(task.labels)
+            if fold is not None:
+                settings.update(n_folds=task.n_folds, fold=fold)
+        return Path(settings["out"]), settings
 
     def train(self, task: StudyTask) -> list[Path]:
         from spcxr.tasks.classify import FinetuneConfig, finetune
@@ -265,6 +295,7 @@ class Study:
                 "runs": [str(r) for r in runs],
                 "stores": [str(self.store)],
                 "sources": list(task.test_sources or task.sources),
+                "external": list(task.external_sources),
                 "group_by": task.group_by,
                 "labels": list(task.test_rename),
                 "out": str(self.out / "reports" / task.name),
@@ -391,6 +422,12 @@ def write_results_page(study: Study) -> Path:
                 if study._kfold_sources()
                 else ""
             )
+            + (
+                f"; external test sources (test-only) never pretrained on: "
+                f"{', '.join(study.external())}"
+                if study.external()
+                else ""
+            )
             + ".",
             f"- Model: {model.get('arch')}/{model.get('patch_size')} at {model.get('img_size')} px, "
             f"{pre_info.get('steps')} steps of batch {pre_cfg.get('batch_size')} x 2 views "
@@ -453,9 +490,16 @@ def _task_section(task, results, report_dir: Path, dest: Path, study: Study) -> 
             if task.n_folds
             else " (test split)"
         )
-        + ".",
+        + "."
+        + (
+            f" External test (test-only, never pretrained, trained or selected on): "
+            f"{', '.join(task.external_sources)}."
+            if task.external_sources
+            else ""
+        ),
         f"- Labels: {json.dumps(task.labels) if task.labels else 'lung masks'}; budgets: "
-        f"{', '.join(task.budgets)}; initialisations: {', '.join(study.config.inits)}.",
+        f"{', '.join(task.budgets)}; initialisations: {', '.join(study.config.inits)}; "
+        f"label draws per budget below all: {_seeds_text(study, task)}.",
         f"- Settings: `{json.dumps(settings, sort_keys=True)}`.",
         f"- Compute: {len(runs)} runs, {seconds / 60:.1f} min of training in total.",
         "",
@@ -471,16 +515,39 @@ def _task_section(task, results, report_dir: Path, dest: Path, study: Study) -> 
         )
     lines += [
         "",
-        "| setting | init | budget | training images | tested on | metric | value [95% CI] |",
-        "|---|---|---|---|---|---|---|",
+        "Several label draws: mean with the 95% t interval across draws (k-fold: across folds); "
+        "one run: its patient-bootstrap interval.",
+        "",
+        "| setting | init | budget | training images (patients) | draws | tested on | "
+        "test images (patients) | metric | value [95% CI] |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in sorted(results["comparison"], key=lambda r: (r["train_images"], r["init"])):
+    order = sorted(
+        results["comparison"],
+        key=lambda r: (r.get("external", False), r["train_images"], r["init"]),
+    )
+    for row in order:
         folds = f" ({row['folds']} folds)" if row.get("folds") else ""
+        tested = row.get("tested_on", "") + (" (external)" if row.get("external") else "")
         lines.append(
-            f"| {row['setting']} | {row['init']} | {row['budget']} | {row['train_images']} | "
-            f"{row.get('tested_on', '')} | {row['metric']}{folds} | {_fmt(row['value'])} |"
+            f"| {row['setting']} | {row['init']} | {row['budget']} | {row['train_images']} "
+            f"({row.get('train_patients', '?')}) | {row.get('draws', row.get('folds', 1))} | "
+            f"{tested} | {row.get('test_images', '?')} ({row.get('test_patients', '?')}) | "
+            f"{row['metric']}{folds} | {_fmt(row['value'])} |"
         )
     lines.append("")
+    from spcxr.tasks.report import draws_section, paired_section
+
+    if results.get("paired"):
+        lines += [
+            x.replace("## ", "### ", 1) if x.startswith("## ") else x
+            for x in paired_section(results["paired"])
+        ]
+    if results.get("draws"):
+        lines += [
+            x.replace("## ", "### ", 1) if x.startswith("## ") else x
+            for x in draws_section(results["draws"])
+        ]
     # extra per-run metrics for every test source (secondary metrics and drift)
     lines += [
         "| run | test source | " + " | ".join(_secondary(task)) + " |",
@@ -502,6 +569,11 @@ def _task_section(task, results, report_dir: Path, dest: Path, study: Study) -> 
     )
     lines.append("")
     return lines
+
+
+def _seeds_text(study: Study, task: StudyTask) -> str:
+    seeds = study.config.budget_seeds if task.budget_seeds is None else task.budget_seeds
+    return f"{len(seeds)} (budget seeds {', '.join(map(str, seeds))})" if seeds else "1"
 
 
 def _secondary(task: StudyTask) -> list[str]:

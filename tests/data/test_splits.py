@@ -142,3 +142,31 @@ def test_unknown_stratify_column_names_the_flag_and_the_columns() -> None:
     m = _manifest(10)
     with pytest.raises(ValueError, match=r"--split-stratify: no manifest column 'lable'.*label"):
         assign_splits(m, patient_groups(m), SplitConfig(stratify="lable"))
+
+
+def test_test_only_sources_go_to_test_with_their_duplicates_and_leave_the_rest_unchanged() -> None:
+    internal = _manifest(200)
+    # an external set whose patient ids reuse the internal numbers (Kermany's official test)
+    external = _manifest(40, seed=1).assign(source="ext")
+    m = pd.concat([internal, external], ignore_index=True)
+    planted = len(internal)  # first external row; an internal row is its duplicate
+    dup = np.full(len(m), -1)
+    dup[[3, planted]] = 0
+    groups = patient_groups(m, dup)
+    config = SplitConfig(fractions=(0.6, 0.1, 0.3), n_folds=5, test_only=["ext"])
+    split, fold, notes = assign_splits(m, groups, config)
+    is_ext = (m["source"] == "ext").to_numpy()
+    assert set(split[is_ext]) == {"test"} and (fold[is_ext] == -1).all()
+    # the internal duplicate of an external image (and that patient's other images) is test
+    copy = groups == groups[3]
+    assert set(split[copy]) == {"test"} and (fold[copy] == -1).all()
+    assert any("test-only" in n for n in notes)
+    m["group"], m["split"] = groups, split
+    check_leakage(m)
+    # the other internal rows still get train, val and test, and folds 0..4
+    rest = ~is_ext & ~copy
+    assert set(split[rest]) == {"train", "val", "test"}
+    assert set(fold[rest]) == set(range(5))
+    # without test_only the external rows would be split like any other
+    plain, _, _ = assign_splits(m, groups, SplitConfig(fractions=(0.6, 0.1, 0.3)))
+    assert "train" in set(plain[is_ext])

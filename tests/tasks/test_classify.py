@@ -144,3 +144,36 @@ def test_errors_name_the_problem(synth_store, tmp_path) -> None:
         FinetuneConfig(mode="probe")
     with pytest.raises(ValueError, match=r"no training rows|fewer than two"):
         finetune(_config(synth_store, tmp_path / "e", sources=["nope"]))
+
+
+def test_budget_seeds_train_one_run_per_draw_and_skip_finished_draws(synth_store, tmp_path) -> None:
+    from spcxr.cli import main
+    from spcxr.tasks.loop import parse_seeds, run_draws
+
+    assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert parse_seeds("0,2,5") == [0, 2, 5] and parse_seeds("0-1,7") == [0, 1, 7]
+    for bad in ("3-1", "a", "1,1"):
+        with pytest.raises(ValueError, match="--budget-seeds"):
+            parse_seeds(bad)
+    config = _config(synth_store, tmp_path / "draws", budget="3/class", budget_seeds="0,2")
+    first = run_draws(config, finetune)
+    assert [r["run_dir"] for r in first] == [str(tmp_path / "draws" / f"draw-{s}") for s in (0, 2)]
+    assert [r["data"]["budget_seed"] for r in first] == [0, 2]
+    rows = [
+        set(pd.read_csv(tmp_path / "draws" / f"draw-{s}" / "train_rows.csv")["pixel_hash"])
+        for s in (0, 2)
+    ]
+    assert rows[0] != rows[1]  # two different label draws
+    stamp = (tmp_path / "draws" / "draw-0" / "run.json").stat().st_mtime_ns
+    again = run_draws(config, finetune)
+    assert all(r["skipped"] for r in again)
+    assert (tmp_path / "draws" / "draw-0" / "run.json").stat().st_mtime_ns == stamp
+    # the CLI spells it --budget-seeds; a finished draw is reported, an unfinished one resumed
+    (tmp_path / "draws" / "draw-2" / "run.json").unlink()
+    code = main(
+        ["finetune", "--config", str(tmp_path / "draws" / "draw-0" / "config.yaml"),
+         "--out", str(tmp_path / "draws"), "--budget-seeds", "0,2", "--train-resume"]
+    )  # fmt: skip
+    assert code == 0
+    assert json.loads((tmp_path / "draws" / "draw-2" / "run.json").read_text())["finished"]
+    assert (tmp_path / "draws" / "draw-0" / "run.json").stat().st_mtime_ns == stamp

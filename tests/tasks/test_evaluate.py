@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -69,3 +70,65 @@ def test_training_images_are_never_scored(synth_store, tmp_path) -> None:
     results = evaluate(config)
     ev = next(iter(results["runs"]["r"]["eval"].values()))
     assert "identical to a training image" not in ev["data"]["excluded"]
+
+
+def _entry(init: str, budget: str, seed, acc: float, ext_acc: float, images: int = 40) -> dict:
+    run = f"/runs/{init}_{budget.replace('/', 'per')}" + (
+        f"_draw{seed}" if seed is not None else ""
+    )
+    metric = {"accuracy": {"value": acc, "low": acc - 0.1, "high": acc + 0.1}}
+    ext = {"accuracy": {"value": ext_acc, "low": ext_acc - 0.1, "high": ext_acc + 0.1}}
+    return {
+        "kind": "classification",
+        "run": run,
+        "init": {"init": init},
+        "budget": budget,
+        "budget_seed": seed,
+        "train": {"images": images, "patients": images // 2},
+        "train_sources": ["a"],
+        "eval": {
+            "a": {"data": {"images": 100, "patients": 60}, "metrics": metric},
+            "ext": {"data": {"images": 30, "patients": 20}, "metrics": ext, "external": True},
+        },
+    }
+
+
+def test_draw_tables_and_paired_comparisons_match_direct_computation() -> None:
+    from scipy import stats
+
+    from spcxr.tasks.evaluate import comparison, draw_tables, paired_comparisons
+    from spcxr.tasks.report import draws_section, paired_section
+
+    rng = np.random.default_rng(0)
+    gmml, scratch = rng.uniform(0.6, 0.9, 5), rng.uniform(0.5, 0.8, 5)
+    gx, sx = rng.uniform(0.6, 0.9, 5), rng.uniform(0.5, 0.8, 5)
+    runs = [_entry("gmml", "20/class", s, gmml[s], gx[s]) for s in range(5)]
+    runs += [_entry("scratch", "20/class", s, scratch[s], sx[s]) for s in range(5)]
+    # all labels: runs recorded before budget seeds existed are never paired
+    runs += [
+        _entry("gmml", "all", None, 0.9, 0.8, 900),
+        _entry("scratch", "all", None, 0.85, 0.7, 900),
+    ]
+    results = {"runs": {Path(e["run"]).name: e for e in runs}}
+    rows = {(r["setting"], r["tested_on"]): r for r in comparison(results, 0.95)}
+    row = rows[("gmml_20perclass", "ext")]
+    assert row["external"] and row["draws"] == 5 and row["test_images"] == 30
+    low, high = stats.t.interval(0.95, 4, loc=gx.mean(), scale=stats.sem(gx))
+    assert (row["value"]["value"], row["value"]["low"], row["value"]["high"]) == pytest.approx(
+        (gx.mean(), low, high)
+    )
+    tables = draw_tables(results, 0.95)
+    t = next(t for t in tables if t["setting"] == "scratch_20perclass" and t["tested_on"] == "a")
+    assert [r["value"] for r in t["runs"]] == pytest.approx(scratch.tolist())
+    assert t["summary"]["std"] == pytest.approx(scratch.std(ddof=1))
+    paired = {
+        (p["budget"], p["tested_on"]): p["difference"] for p in paired_comparisons(results, 0.95)
+    }
+    d = paired[("20/class", "ext")]
+    ci = stats.ttest_rel(gx, sx).confidence_interval(0.95)
+    assert d["paired"] and d["n"] == 5
+    assert (d["value"], d["low"], d["high"]) == pytest.approx(((gx - sx).mean(), ci.low, ci.high))
+    single = paired[("all", "a")]
+    assert single["paired"] is False and single["value"] == pytest.approx(0.05)
+    text = "\n".join(paired_section(paired_comparisons(results, 0.95)) + draws_section(tables))
+    assert "| unpaired |" in text and "| paired | 5 |" in text and "ext (external)" in text

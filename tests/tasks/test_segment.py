@@ -100,3 +100,61 @@ def test_segment_errors(synth_store, tmp_path) -> None:
         segment(SegmentConfig())
     with pytest.raises(ValueError, match="no images with lung masks"):
         segment(_config(synth_store, tmp_path / "x", sources=["nope"]))
+
+
+def test_segment_draws_with_an_external_test_source(tmp_path) -> None:
+    """Two label draws per init on one source, an external test-only source: evaluation reports
+    the external Dice on its own and the paired difference over the same draws."""
+    from spcxr.data.prepare import PrepareConfig, prepare
+    from spcxr.data.synthetic import SyntheticConfig, write_synthetic_dataset
+    from spcxr.tasks.loop import run_draws
+
+    for name, seed in (("inner", 3), ("outer", 4)):
+        write_synthetic_dataset(tmp_path / name, SyntheticConfig(n_patients=16, size=48, seed=seed))
+    store = tmp_path / "store"
+    sources = [f"inner=csv:{tmp_path / 'inner'}", f"outer=csv:{tmp_path / 'outer'}"]
+    config = PrepareConfig(
+        sources=sources, out=str(store), image_size=32, workers=1, progress=False
+    )
+    config.split.test_only = ["outer"]
+    prepare(config)
+    base = _config(store, tmp_path / "scratch", sources=["inner"], budget="4", budget_seeds="0,1")
+    base.train.min_steps = 4
+    base.train.eval_every = 4
+    run_draws(base, segment)
+    other = _config(
+        store,
+        tmp_path / "ft",
+        sources=["inner"],
+        budget="4",
+        budget_seeds="0,1",
+        init=str(tmp_path / "scratch" / "draw-0"),
+    )
+    other.train.min_steps = 4
+    other.train.eval_every = 4
+    run_draws(other, segment)
+    runs = [str(tmp_path / d / f"draw-{s}") for d in ("scratch", "ft") for s in (0, 1)]
+    results = evaluate(
+        EvaluateConfig(
+            runs=runs,
+            out=str(tmp_path / "rep"),
+            n_boot=20,
+            device="cpu",
+            sources=["inner"],
+            external=["outer"],
+        )
+    )
+    entry = results["runs"]["scratch_draw-0"]
+    assert entry["eval"]["outer"]["external"] and "inner" in entry["eval"]
+    assert entry["budget_seed"] == 0
+    rows = {(r["setting"], r["tested_on"]): r for r in results["comparison"]}
+    assert rows[("scratch", "outer")]["draws"] == 2 and rows[("scratch", "outer")]["external"]
+    paired = [p for p in results["paired"] if p["tested_on"] == "outer"]
+    assert len(paired) == 1 and paired[0]["metric"] == "dice" and paired[0]["difference"]["n"] == 2
+    dice = {
+        r: results["runs"][r]["eval"]["outer"]["metrics"]["dice"]["value"]
+        for r in ("scratch_draw-0", "scratch_draw-1", "ft_draw-0", "ft_draw-1")
+    }
+    expected = [dice[f"ft_draw-{s}"] - dice[f"scratch_draw-{s}"] for s in (0, 1)]
+    np.testing.assert_allclose(paired[0]["difference"]["differences"], expected)
+    assert "## Paired differences" in (tmp_path / "rep" / "report.md").read_text()

@@ -7,7 +7,7 @@ duplicate pair; every row of a group lands in the same split and the same fold.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -37,6 +37,10 @@ class SplitConfig:
             split, e.g. a duplicate filed in both train and test), the whole group goes to
             the most held-out of its splits (``"held_out"``: test > val > train), or the
             store fails (``"fail"``).
+        test_only: sources that are external test sets: every one of their rows goes to the
+            test split, and so does every patient group that holds one of them (a duplicate of
+            an external image in another source), so they are never trained, selected or
+            pretrained on.
     """
 
     mode: str = "random"
@@ -45,6 +49,7 @@ class SplitConfig:
     stratify: str | None = "label"
     seed: int = 0
     official_conflict: str = "held_out"
+    test_only: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.mode not in ("random", "official"):
@@ -144,6 +149,16 @@ def assign_splits(
     fractions = np.asarray(config.fractions, dtype=float)
 
     group_split = np.full(n_groups, -1, dtype=np.int64)
+    external = manifest["source"].astype(str).isin(list(config.test_only)).to_numpy()
+    external_groups = np.unique(groups[external])
+    if len(external_groups):
+        group_split[external_groups] = SPLITS.index("test")
+        joined = int((np.isin(groups, external_groups) & ~external).sum())
+        if joined:
+            notes.append(
+                f"{joined} rows of other sources share a patient group (duplicate) with a "
+                f"test-only source ({', '.join(config.test_only)}): moved to test"
+            )
     if config.mode == "official" and "official_split" in manifest.columns:
         official = manifest["official_split"].map({s: i for i, s in enumerate(SPLITS)})
         official = official.fillna(-1).to_numpy(np.int64)
@@ -163,7 +178,9 @@ def assign_splits(
                 f"{len(conflicts)} patient groups spanned official splits; {moved} rows moved "
                 "to the group's most held-out split"
             )
-        group_split[most_held.index.to_numpy()] = most_held.to_numpy()
+        official_groups = most_held.index.to_numpy()
+        free_official = group_split[official_groups] < 0
+        group_split[official_groups[free_official]] = most_held.to_numpy()[free_official]
         # Official train without an official val: carve val out of it, by patient.
         has_val = (official == SPLITS.index("val")).any()
         if not has_val and fractions[1] > 0:
@@ -179,7 +196,11 @@ def assign_splits(
 
     group_fold = np.full(n_groups, -1, dtype=np.int64)
     if config.n_folds > 1:
-        group_fold = _greedy_assign(sizes, strata, np.ones(config.n_folds), rng)
+        # External test sets take no part in cross-validation.
+        inner = np.setdiff1d(np.arange(n_groups), external_groups)
+        group_fold[inner] = _greedy_assign(
+            sizes[inner], strata[inner], np.ones(config.n_folds), rng
+        )
 
     split = np.array(SPLITS, dtype=object)[group_split[groups]]
     return split, group_fold[groups], notes

@@ -210,6 +210,24 @@ class PreparedStore:
     def fingerprint(self) -> str:
         return str(self.meta["fingerprint"])
 
+    @property
+    def test_only_sources(self) -> list[str]:
+        """Sources prepared as external test sets (``split.test_only``)."""
+        split = (self.meta.get("prepare_config") or {}).get("split") or {}
+        return [str(s) for s in split.get("test_only") or []]
+
+    def trainable(self, rows: np.ndarray) -> np.ndarray:
+        """``rows`` without external test rows: rows of a test-only source or of a patient
+        group holding one (a duplicate). Training, selection and pretraining call this, so an
+        external test set never reaches them whatever splits are asked for."""
+        rows = np.asarray(rows, dtype=np.int64)
+        external = self.test_only_sources
+        if not external or not len(rows):
+            return rows
+        m = self.manifest
+        groups = m.loc[m["source"].astype(str).isin(external), "group"].unique()
+        return rows[~m["group"].iloc[rows].isin(groups).to_numpy()]
+
     def _shard(self, i: int, kind: str) -> np.ndarray | None:
         cache = self._images if kind == "images" else self._masks
         arr = cache[i]

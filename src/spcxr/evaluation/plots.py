@@ -184,6 +184,13 @@ def budget_curve(
         metric: name shown in the title and, by default, on the y axis.
         ylabel: y-axis label; defaults to ``metric``.
     """
+    fig = _new_figure(7, 4.5)
+    ax = fig.add_subplot()
+    _budget_axes(ax, rows, metric, ylabel, f"{metric} vs label budget")
+    return _save(fig, path)
+
+
+def _budget_axes(ax, rows: Sequence[dict[str, Any]], metric: str, ylabel: str | None, title: str):
     lines: dict[str, list[tuple[float, float, float, float]]] = defaultdict(list)
     for i, row in enumerate(rows):
         missing = [key for key in ("run", "labels", "value") if key not in row]
@@ -197,8 +204,6 @@ def budget_curve(
         )
     if not lines:
         raise ValueError("budget_curve needs at least one row")
-    fig = _new_figure(7, 4.5)
-    ax = fig.add_subplot()
     for run, points in lines.items():
         labels, value, low, high = np.array(sorted(points)).T
         (line,) = ax.plot(labels, value, marker="o", lw=1.8, label=run)
@@ -208,9 +213,26 @@ def budget_curve(
                 labels[band], low[band], high[band], color=line.get_color(), alpha=0.2, lw=0
             )
     ax.set_xscale("log")
-    ax.set(xlabel="training labels", ylabel=ylabel or metric, title=f"{metric} vs label budget")
+    ax.set(xlabel="training labels", ylabel=ylabel or metric, title=title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=9)
+
+
+def budget_panels(
+    panels: dict[str, Sequence[dict[str, Any]]],
+    path: str | Path,
+    metric: str = "macro_auroc",
+    ylabel: str | None = None,
+) -> Path:
+    """:func:`budget_curve` for several test sets side by side (e.g. internal and external),
+    one panel each with a shared y axis; a row's band is its ``low``/``high`` (e.g. the t
+    interval of the mean across label draws)."""
+    if not panels:
+        raise ValueError("budget_panels needs at least one panel")
+    fig = _new_figure(5 * len(panels), 4.5)
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, (title, rows) in zip(axes, panels.items(), strict=True):
+        _budget_axes(ax, rows, metric, ylabel, title)
     return _save(fig, path)
 
 

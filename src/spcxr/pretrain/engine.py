@@ -304,7 +304,7 @@ def parse_duration(text: str, flag: str = "--time-budget") -> float | None:
 
 def select_rows(store: PreparedStore, config: PretrainConfig) -> np.ndarray:
     """The manifest rows pretraining uses (the chosen splits and sources)."""
-    rows = store.indices(config.splits or None, source=config.sources or None)
+    rows = store.trainable(store.indices(config.splits or None, source=config.sources or None))
     if len(rows) == 0:
         raise ValueError(
             f"{store.root}: no images in splits {config.splits} / sources {config.sources or 'all'}"

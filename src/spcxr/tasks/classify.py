@@ -74,6 +74,8 @@ class FinetuneConfig:
             class-stratified subset; 0: all) - validation is run many times per run.
         budget: label budget: ``all``, a fraction (``0.1``, ``10%``), ``N/class`` or ``N``
             images, drawn by whole patients, stratified, nested across sizes for one seed.
+        budget_seeds: repeated label draws, e.g. ``0-4`` or ``0,2,5``: one run per draw in
+            ``OUT/draw-SEED`` (a finished draw is skipped); overrides ``budget_seed``.
         budget_seed: seed of the budget draw (vary it for repeated draws).
         n_folds: k-fold cross-validation over the labelled rows of ``cv_splits`` (0: off).
         fold: the held-out fold of this run (0 .. n_folds-1) when ``n_folds`` > 0.
@@ -100,6 +102,7 @@ class FinetuneConfig:
     max_val_images: int = 0
     budget: str = "all"
     budget_seed: int = 0
+    budget_seeds: str = ""
     n_folds: int = 0
     fold: int = 0
     cv_splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
@@ -153,7 +156,7 @@ def select_rows(store: PreparedStore, config: FinetuneConfig) -> TaskRows:
     if config.n_folds:
         if not 0 <= config.fold < config.n_folds:
             raise ValueError(f"fold {config.fold} is not in 0..{config.n_folds - 1}")
-        pool = store.indices(config.cv_splits, source=sources)
+        pool = store.trainable(store.indices(config.cv_splits, source=sources))
         classes = resolve_classes(m, pool, labels)
         pool = labelled(pool, classes, "cv pool (missing or other label)")
         frame = m.iloc[pool].assign(_y=targets(m, pool, labels, classes).astype(str))
@@ -175,6 +178,8 @@ def select_rows(store: PreparedStore, config: FinetuneConfig) -> TaskRows:
             frame = m.iloc[val].assign(_y=targets(m, val, labels, classes).astype(str))
             cap = parse_budget(str(config.max_val_images))
             val = val[select_budget(frame, cap, seed=config.budget_seed, label_col="_y")]
+    # External test sets (test-only sources) never reach training or selection.
+    train, val = store.trainable(train), store.trainable(val)
     if len(train) == 0:
         raise ValueError(
             f"no training rows with a kept label in {config.store} (sources {config.sources or 'all'}, "
@@ -353,6 +358,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         "train": describe_rows(store, rows.train, rows.y_train, rows.classes),
         "val": describe_rows(store, rows.val, rows.y_val, rows.classes) if len(rows.val) else None,
         "budget": config.budget,
+        "budget_seed": config.budget_seed,
         "excluded": rows.excluded,
     }
     if config.n_folds:

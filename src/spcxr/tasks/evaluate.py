@@ -55,6 +55,8 @@ class EvaluateConfig:
         batch_size: inference batch size.
         labels: rename labels of the test data (for stores whose vocabulary differs from the
             training store's); empty: the run's own label settings.
+        external: external test sources (e.g. a test-only source such as Kermany's official
+            test set): evaluated and reported on their own, never pooled with the internal test.
     """
 
     runs: list[str] = field(default_factory=list)
@@ -70,9 +72,19 @@ class EvaluateConfig:
     precision: str = "auto"
     batch_size: int = 128
     labels: list[str] = field(default_factory=list)
+    external: list[str] = field(default_factory=list)
+
+    def test_sources(self) -> list[str]:
+        """Sources to test on: the internal ones and the external ones (empty: every source)."""
+        if not self.sources:
+            return []
+        return list(dict.fromkeys([*self.sources, *self.external]))
 
 
 def _run_name(run: Path) -> str:
+    """The run's folder name; a label draw ``OUT/draw-3`` is named ``OUT_draw-3``."""
+    if re.fullmatch(r"draw-\d+", run.name):
+        return f"{run.parent.name}_{run.name}"
     return run.name
 
 
@@ -112,7 +124,7 @@ def eval_sets(run: Path, info: dict, meta: dict, config: EvaluateConfig) -> list
         if heldout is not None and store.fingerprint == info["data"]["store_fingerprint"]:
             rows = np.asarray(heldout["rows"], dtype=np.int64)
         else:
-            rows = store.indices(config.split, source=config.sources or None)
+            rows = store.indices(config.split, source=config.test_sources() or None)
         y = targets(store.manifest, rows, labels, classes)
         keep = usable(y)
         excluded = {}
@@ -167,6 +179,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         results["runs"][_run_name(run)] = _evaluate_classifier(run, model, meta, info, config, out)
     results["drift"] = drift_table(results)
     results["comparison"] = comparison(results, config.level)
+    results["draws"] = draw_tables(results, config.level)
+    results["paired"] = paired_comparisons(results, config.level)
     atomic_write_text(out / "metrics.json", json.dumps(results, indent=2, default=_json_default))
     from spcxr.tasks.report import write_report
 
@@ -207,6 +221,7 @@ def _evaluate_classifier(run: Path, model, meta: dict, info: dict, config, out: 
         "classes": classes,
         "train": info["data"]["train"],
         "budget": info["data"].get("budget", "all"),
+        "budget_seed": info["data"].get("budget_seed"),
         "fold": info["data"].get("fold"),
         "train_sources": sorted(
             info["data"]["train"].get(config.group_by + "s") or info["data"]["train"]["sources"]
@@ -215,6 +230,7 @@ def _evaluate_classifier(run: Path, model, meta: dict, info: dict, config, out: 
     }
     metric_fn = multilabel_metrics if multilabel else classification_metrics
     pred_frames, pooled_y, pooled_p, pooled_g = [], [], [], []
+    pooled_ext = False
     for s in eval_sets(run, info, meta, config):
         if len(s.rows) == 0:
             continue
@@ -241,13 +257,21 @@ def _evaluate_classifier(run: Path, model, meta: dict, info: dict, config, out: 
             y_true=s.y,
             prob=prob,
         )
+        external = s.source in config.external
         entry["eval"][s.source] = {
             "data": _describe(s, classes, multilabel),
             **split_ci(ci),
+            **({"external": True} if external else {}),
         }
-        pooled_y.append(s.y)
-        pooled_p.append(prob)
-        pooled_g.append(gkey)
+        # An external test set is reported on its own, never pooled with the internal ones
+        # (plots show the internal test; only when there is none, the external one).
+        if not external or not pooled_y:
+            if pooled_y and pooled_ext:
+                pooled_y, pooled_p, pooled_g = [], [], []
+            pooled_ext = external
+            pooled_y.append(s.y)
+            pooled_p.append(prob)
+            pooled_g.append(gkey)
         frame = pd.DataFrame(
             {
                 "image_path": s.store.manifest["image_path"].iloc[s.rows].to_numpy(),
@@ -269,7 +293,7 @@ def _evaluate_classifier(run: Path, model, meta: dict, info: dict, config, out: 
             f"{run}: no labelled test rows in split {config.split!r} of {config.stores}"
         )
     y, prob, g = np.concatenate(pooled_y), np.concatenate(pooled_p), np.concatenate(pooled_g)
-    if len(entry["eval"]) > 1:
+    if len(pooled_y) > 1:
         entry["eval"]["all"] = {
             "data": {"images": len(y), "patients": len(set(g))},
             **split_ci(
@@ -301,8 +325,7 @@ def _evaluate_classifier(run: Path, model, meta: dict, info: dict, config, out: 
 
 def classification_point(entry: dict) -> dict:
     """Point estimates (incl. the confusion matrix) of a run's pooled evaluation."""
-    key = "all" if "all" in entry["eval"] else next(iter(entry["eval"]))
-    return entry["eval"][key]["point"]
+    return entry["eval"][_headline_source(entry)]["point"]
 
 
 def _bind(metric_fn, classes: list[str]):
@@ -355,54 +378,188 @@ def drift_table(results: dict) -> dict[str, Any]:
 
 
 def _setting_key(entry: dict) -> str:
-    """Runs that differ only in their fold belong to one setting."""
-    run = Path(entry["run"])
-    return re.sub(r"[-_]?fold\d+$", "", run.name)
+    """Runs that differ only in their fold or their label draw belong to one setting."""
+    name = _run_name(Path(entry["run"]))
+    return re.sub(r"[-_]?(fold\d+|draw-?\d+)$", "", name)
 
 
 def _headline_source(entry: dict) -> str:
-    """The evaluation a comparison row shows: all sources pooled, else the (first) training
-    source, else the first tested one (segmentation is never pooled across mask conventions)."""
+    """The internal evaluation a comparison row shows: all sources pooled, else the (first)
+    training source, else the first tested one (segmentation is never pooled across mask
+    conventions). External test sets are never the headline while an internal one exists."""
     evals = entry["eval"]
     if "all" in evals:
         return "all"
     for source in entry.get("train_sources", []):
-        if source in evals:
+        if source in evals and not evals[source].get("external"):
             return source
-    return next(iter(evals))
+    internal = [s for s, ev in evals.items() if not ev.get("external")]
+    return internal[0] if internal else next(iter(evals))
 
 
-def comparison(results: dict, level: float) -> list[dict[str, Any]]:
-    """One row per setting: init, budget, labels used, primary metric with CI.
+def _tested_sets(entry: dict) -> list[str]:
+    """The headline (internal) evaluation, then every external test set."""
+    head = _headline_source(entry)
+    return [head] + [s for s, ev in entry["eval"].items() if ev.get("external") and s != head]
 
-    k-fold settings (several runs differing only in the held-out fold) get the mean across folds
-    with a Student t interval.
-    """
-    from spcxr.evaluation.bootstrap import fold_summary
 
+def _settings(results: dict) -> dict[str, list[dict]]:
     settings: dict[str, list[dict]] = {}
     for entry in results["runs"].values():
         settings.setdefault(_setting_key(entry), []).append(entry)
+    return settings
+
+
+def _is_folds(entries: list[dict]) -> bool:
+    return len(entries) > 1 and all(e.get("fold") for e in entries)
+
+
+def comparison(results: dict, level: float) -> list[dict[str, Any]]:
+    """One row per setting and test set (internal, then external): primary metric with CI.
+
+    k-fold settings (runs differing only in the held-out fold) get the mean across folds, and
+    repeated label draws (runs differing only in the budget seed) the mean across draws, each
+    with a Student t interval; a single run keeps its patient-bootstrap interval.
+    """
+    from spcxr.evaluation.bootstrap import fold_summary
+    from spcxr.evaluation.draws import draw_summary
+
     rows = []
-    for key, entries in settings.items():
+    for key, entries in _settings(results).items():
         first = entries[0]
-        evals = first["eval"]
-        pooled = _headline_source(first)
-        metric = _primary(evals[pooled]["metrics"])
-        row = {
-            "setting": key,
-            "init": first["init"].get("init", "?"),
-            "mode": first.get("mode", "finetune"),
-            "budget": first.get("budget", "all"),
-            "train_images": int(np.mean([e["train"]["images"] for e in entries])),
-            "metric": metric,
-            "tested_on": pooled,
-        }
-        if len(entries) > 1 and all(e.get("fold") for e in entries):
-            values = [e["eval"][pooled]["metrics"][metric]["value"] for e in entries]
-            row["value"] = fold_summary(values, level=level)
-            row["folds"] = len(entries)
-        else:
-            row["value"] = evals[pooled]["metrics"][metric]
-        rows.append(row)
+        for tested in _tested_sets(first):
+            present = [e for e in entries if tested in e["eval"]]
+            metric = _primary(first["eval"][tested]["metrics"])
+            data = first["eval"][tested]["data"]
+            row = {
+                "setting": key,
+                "init": first["init"].get("init", "?"),
+                "mode": first.get("mode", "finetune"),
+                "budget": first.get("budget", "all"),
+                "train_images": int(np.mean([e["train"]["images"] for e in present])),
+                "train_patients": int(np.mean([e["train"]["patients"] for e in present])),
+                "metric": metric,
+                "tested_on": tested,
+                "external": bool(first["eval"][tested].get("external")),
+                "test_images": data.get("images"),
+                "test_patients": data.get("patients"),
+            }
+            values = [e["eval"][tested]["metrics"][metric]["value"] for e in present]
+            if _is_folds(present):
+                row["value"] = fold_summary(values, level=level)
+                row["folds"] = len(present)
+            elif len(present) > 1:
+                row["value"] = draw_summary(values, level=level)
+                row["draws"] = len(present)
+            else:
+                row["value"] = first["eval"][tested]["metrics"][metric]
+                row["draws"] = 1
+            rows.append(row)
     return rows
+
+
+DRAW_METRICS = {
+    "classification": ("accuracy", "macro_auroc", "balanced_accuracy"),
+    "segmentation": ("dice",),
+}
+
+
+def _draw_key(entry: dict) -> str:
+    """What pairs two runs: their label draw (budget seed) and, for k-fold, their fold."""
+    seed = entry.get("budget_seed")
+    if seed is None:  # a run from before budget seeds were recorded: never paired
+        return f"run:{entry['run']}"
+    fold = entry.get("fold")
+    return f"seed {seed}" + (f", fold {fold['fold']}" if fold else "")
+
+
+def draw_tables(results: dict, level: float) -> list[dict[str, Any]]:
+    """Per setting, test set and metric: every draw's value with its bootstrap CI, and the
+    mean, SD and t interval across draws (folds count as draws of the held-out set)."""
+    from spcxr.evaluation.draws import draw_summary
+
+    tables = []
+    for key, entries in _settings(results).items():
+        first = entries[0]
+        for tested in _tested_sets(first):
+            present = [e for e in entries if tested in e["eval"]]
+            data = first["eval"][tested]["data"]
+            for metric in DRAW_METRICS.get(first["kind"], ()):
+                if metric not in first["eval"][tested]["metrics"]:
+                    continue
+                runs = [
+                    {
+                        "draw": _draw_key(e),
+                        "run": e["run"],
+                        "train_images": e["train"]["images"],
+                        "train_patients": e["train"]["patients"],
+                        **{
+                            k: e["eval"][tested]["metrics"][metric].get(k)
+                            for k in ("value", "low", "high")
+                        },
+                    }
+                    for e in present
+                ]
+                tables.append(
+                    {
+                        "setting": key,
+                        "init": first["init"].get("init", "?"),
+                        "mode": first.get("mode", "finetune"),
+                        "budget": first.get("budget", "all"),
+                        "tested_on": tested,
+                        "external": bool(first["eval"][tested].get("external")),
+                        "test_images": data.get("images"),
+                        "test_patients": data.get("patients"),
+                        "metric": metric,
+                        "summary": draw_summary([r["value"] for r in runs], level),
+                        "runs": runs,
+                    }
+                )
+    return tables
+
+
+def _metric_by_draw(entries: list[dict], tested: str, metric: str) -> dict[str, float]:
+    return {
+        _draw_key(e): e["eval"][tested]["metrics"][metric]["value"]
+        for e in entries
+        if tested in e["eval"] and metric in e["eval"][tested]["metrics"]
+    }
+
+
+def paired_comparisons(results: dict, level: float, reference: str = "scratch") -> list[dict]:
+    """Every initialisation minus ``reference`` (scratch), per budget, test set and metric,
+    over the same label draws: per-draw differences and the paired t interval of their mean
+    (:func:`spcxr.evaluation.draws.paired_difference`); without matching draws, unpaired."""
+    from spcxr.evaluation.draws import paired_difference
+
+    by_setting: dict[tuple[str, str], dict[str, list[dict]]] = {}
+    for entry in results["runs"].values():
+        init = entry["init"].get("init", "?")
+        key = (str(entry.get("budget", "all")), entry.get("mode", "finetune"))
+        by_setting.setdefault(key, {}).setdefault(init, []).append(entry)
+    out = []
+    for (budget, mode), inits in by_setting.items():
+        base = inits.get(reference)
+        if not base:
+            continue
+        for init, entries in inits.items():
+            if init == reference:
+                continue
+            for tested in _tested_sets(entries[0]):
+                for metric in DRAW_METRICS.get(entries[0]["kind"], ()):
+                    a = _metric_by_draw(entries, tested, metric)
+                    b = _metric_by_draw(base, tested, metric)
+                    if not a or not b:
+                        continue
+                    out.append(
+                        {
+                            "comparison": f"{init} - {reference}",
+                            "budget": budget,
+                            "mode": mode,
+                            "tested_on": tested,
+                            "external": bool(entries[0]["eval"][tested].get("external")),
+                            "metric": metric,
+                            "difference": paired_difference(a, b, level),
+                        }
+                    )
+    return out

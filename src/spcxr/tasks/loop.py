@@ -410,3 +410,74 @@ def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     present = max(int((counts > 0).sum()), 1)
     weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / present, 0.0)
     return weights
+
+
+# ---------------------------------------------------------------------------------------------
+# repeated label draws
+
+
+def parse_seeds(text: str | int | list[int]) -> list[int]:
+    """Budget seeds: ``"0-4"`` (inclusive range), ``"0,2,5"``, a mix (``"0-2,7"``) or a list.
+
+    Raises:
+        ValueError: an unreadable spelling, a descending range or a repeated seed (the message
+            names ``--budget-seeds``).
+    """
+    if isinstance(text, int):
+        return [text]
+    if isinstance(text, list):
+        parts = [str(x) for x in text]
+    else:
+        parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    seeds: list[int] = []
+    for part in parts:
+        low, dash, high = part.partition("-")
+        try:
+            a = int(low)
+            b = int(high) if dash else a
+        except ValueError:
+            raise ValueError(
+                f"--budget-seeds: {text!r} is not a list of seeds (use e.g. 0-4 or 0,2,5)"
+            ) from None
+        if b < a or a < 0:
+            raise ValueError(f"--budget-seeds: range {part!r} must be ascending and >= 0")
+        seeds.extend(range(a, b + 1))
+    if not seeds:
+        raise ValueError(f"--budget-seeds: no seed in {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--budget-seeds: {text!r} repeats a seed")
+    return seeds
+
+
+def draw_dir(out: str | Path, seed: int) -> Path:
+    """Run folder of one label draw of a repeated-draws run."""
+    return Path(out) / f"draw-{seed}"
+
+
+def run_finished(run: str | Path) -> bool:
+    """True when ``run/run.json`` says the run finished."""
+    info = Path(run) / "run.json"
+    return info.is_file() and "finished" in json.loads(info.read_text())
+
+
+def run_draws(config: Any, train_fn: Callable[[Any], dict[str, Any]]) -> list[dict[str, Any]]:
+    """One run per seed of ``config.budget_seeds`` in ``OUT/draw-SEED`` (repeated label draws).
+
+    Each draw is a normal run with ``budget_seed`` = its seed; a finished draw is skipped (its
+    run.json is returned), an interrupted one resumes from its checkpoint. Few-label results
+    vary more between draws than between initialisations, so one draw decides nothing.
+    """
+    from dataclasses import replace
+
+    results = []
+    for seed in parse_seeds(config.budget_seeds):
+        run = draw_dir(config.out, seed)
+        if run_finished(run):
+            log.info("draw %d: %s already finished; skipped", seed, run)
+            info = json.loads((run / "run.json").read_text())
+            info["skipped"] = True
+        else:
+            info = train_fn(replace(config, out=str(run), budget_seed=seed, budget_seeds=""))
+        info["run_dir"] = str(run)
+        results.append(info)
+    return results

@@ -81,12 +81,18 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
         "",
         f"Split evaluated: `{cfg['split']}` (k-fold runs: their held-out fold). "
         f"95% confidence intervals: bootstrap over patients, {cfg['n_boot']} replicates "
-        f"(seed {cfg['seed']}); intervals across folds use Student's t.",
+        f"(seed {cfg['seed']}); intervals across folds and across label draws use Student's t "
+        "(the mean's interval), and differences between initialisations over the same draws "
+        "the paired t interval.",
         "",
     ]
     comparison = results.get("comparison") or []
     if len(comparison) > 1:
         lines += _comparison_section(comparison, out)
+    if results.get("draws"):
+        lines += draws_section(results["draws"])
+    if results.get("paired"):
+        lines += paired_section(results["paired"])
     drift = results.get("drift") or {}
     if (
         any(len(r["cells"]) > 1 for r in drift.values())
@@ -101,39 +107,134 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
 
 
 def _comparison_section(rows: list[dict[str, Any]], out: Path) -> list[str]:
-    from spcxr.evaluation.plots import budget_curve
 
     lines = [
         "## Comparison",
         "",
-        "| setting | initialisation | mode | label budget | training images | tested on | metric "
-        "| value [95% CI] |",
-        "|---|---|---|---|---|---|---|---|",
+        "Several label draws (or folds) of one setting: their mean with the t interval across "
+        "draws; one run: its patient-bootstrap interval.",
+        "",
+        "| setting | initialisation | mode | label budget | training images | draws | tested on "
+        "| test images (patients) | metric | value [95% CI] |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         folds = f" ({r['folds']} folds)" if r.get("folds") else ""
+        tested = r.get("tested_on", "") + (" (external)" if r.get("external") else "")
         lines.append(
             f"| {r['setting']} | {r['init']} | {r['mode']} | {r['budget']} | {r['train_images']} "
-            f"| {r.get('tested_on', '')} | {r['metric']}{folds} | {ci_text(r['value'])} |"
+            f"| {r.get('draws', r.get('folds', 1))} | {tested} | {r.get('test_images', '')} "
+            f"({r.get('test_patients', '')}) | {r['metric']}{folds} | {ci_text(r['value'])} |"
         )
     lines.append("")
     budgets = {r["train_images"] for r in rows}
     if len(budgets) > 1:
-        curve_rows = [
+        path = label_efficiency_plot(rows, out / "plots" / "label_efficiency.png")
+        lines += [
+            f"![label efficiency]({Path(path).relative_to(out)})",
+            "",
+            "Bands: the 95% t interval of the mean across label draws (one run: its bootstrap "
+            "interval); internal and external test sets side by side.",
+            "",
+        ]
+    return lines
+
+
+def label_efficiency_plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Mean across draws against training labels, one panel per test set (internal first)."""
+    from spcxr.evaluation.plots import budget_panels
+
+    panels: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        title = r.get("tested_on", "test") + (" (external)" if r.get("external") else " (internal)")
+        panels.setdefault(title, []).append(
             {
                 "run": f"{r['init']} ({r['mode']})" if r["mode"] != "finetune" else r["init"],
-                "labels": r["train_images"],
+                "labels": max(r["train_images"], 1),
                 "value": r["value"]["value"],
                 "low": r["value"].get("low", np.nan),
                 "high": r["value"].get("high", np.nan),
             }
-            for r in rows
-        ]
-        metric = rows[0]["metric"]
-        path = budget_curve(
-            curve_rows, out / "plots" / "label_efficiency.png", metric=metric, ylabel=metric
         )
-        lines += [f"![label efficiency]({Path(path).relative_to(out)})", ""]
+    order = sorted(panels, key=lambda t: t.endswith("(external)"))
+    metric = rows[0]["metric"]
+    return budget_panels({t: panels[t] for t in order}, path, metric=metric, ylabel=metric)
+
+
+def _pct(metric: str, value: float | None, signed: bool = False) -> str:
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    if metric in ("accuracy", "balanced_accuracy"):
+        return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}%"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def _interval(metric: str, d: dict[str, Any], signed: bool = False) -> str:
+    text = _pct(metric, d.get("value"), signed)
+    low, high = d.get("low"), d.get("high")
+    if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)):
+        return text
+    return f"{text} [{_pct(metric, low, signed)}, {_pct(metric, high, signed)}]"
+
+
+def draws_section(tables: list[dict[str, Any]]) -> list[str]:
+    """Per setting, test set and metric: each draw (bootstrap CI) and the summary across draws."""
+    lines = [
+        "## Label draws",
+        "",
+        "Each draw is one run on its own patient-level label draw (`budget_seed`); its value "
+        "has its patient-bootstrap 95% CI. Across draws: mean, SD and the 95% t interval of "
+        "the mean. Accuracies in %.",
+        "",
+        "| setting | budget | tested on | test images (patients) | metric | draws | per draw "
+        "[bootstrap CI] | mean [95% t interval] | SD | range |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in tables:
+        s = t["summary"]
+        per = "; ".join(f"{r['draw']}: {_interval(t['metric'], r)}" for r in t["runs"])
+        tested = t["tested_on"] + (" (external)" if t.get("external") else "")
+        sd_text = _pct(t["metric"], s.get("std"))
+        lines.append(
+            f"| {t['setting']} | {t['budget']} | {tested} | {t['test_images']} "
+            f"({t['test_patients']}) | {t['metric']} | {s['n']} | {per} | "
+            f"{_interval(t['metric'], s)} | {sd_text} | {_pct(t['metric'], s.get('min'))} - "
+            f"{_pct(t['metric'], s.get('max'))} |"
+        )
+    lines.append("")
+    return lines
+
+
+def paired_section(rows: list[dict[str, Any]]) -> list[str]:
+    """GMML - scratch over the same draws: per-draw differences and the paired t interval."""
+    lines = [
+        "## Paired differences between initialisations",
+        "",
+        "Difference of each initialisation from scratch on the same label draws (accuracy in "
+        "points). `paired`: mean of the per-draw differences with its 95% paired t interval; "
+        "`unpaired`: no matching draws, difference of means with Welch's interval; one draw "
+        "gives no interval.",
+        "",
+        "| comparison | budget | tested on | metric | pairing | draws | per-draw differences "
+        "| mean difference [95% CI] |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        d = r["difference"]
+        tested = r["tested_on"] + (" (external)" if r.get("external") else "")
+        if d["paired"]:
+            per = ", ".join(_pct(r["metric"], x, True) for x in d["differences"])
+            n = d["n"]
+            pairing = "paired"
+        else:
+            per = ""
+            n = f"{d['n_a']} vs {d['n_b']}"
+            pairing = "unpaired"
+        lines.append(
+            f"| {r['comparison']} | {r['budget']} | {tested} | {r['metric']} | {pairing} | {n} "
+            f"| {per} | {_interval(r['metric'], d, signed=True)} |"
+        )
+    lines.append("")
     return lines
 
 

@@ -77,6 +77,8 @@ class SegmentConfig:
         train_split: split of the training rows.
         val_split: split for model selection.
         budget: training images: ``all``, a fraction, or ``N`` images (drawn by patient).
+        budget_seeds: repeated label draws, e.g. ``0-4`` or ``0,2,5``: one run per draw in
+            ``OUT/draw-SEED`` (a finished draw is skipped); overrides ``budget_seed``.
         budget_seed: seed of the budget draw.
         dice_weight: weight of the soft Dice loss.
         bce_weight: weight of the binary cross-entropy.
@@ -93,6 +95,7 @@ class SegmentConfig:
     val_split: str = "val"
     budget: str = "all"
     budget_seed: int = 0
+    budget_seeds: str = ""
     dice_weight: float = 1.0
     bce_weight: float = 1.0
     model: SegmenterConfig = field(default_factory=SegmenterConfig)
@@ -218,6 +221,7 @@ def segment(config: SegmentConfig) -> dict[str, Any]:
     store = PreparedStore(config.store)
     train, no_mask_train = mask_rows(store, config.train_split, config.sources)
     val, no_mask_val = mask_rows(store, config.val_split, config.sources)
+    train, val = store.trainable(train), store.trainable(val)
     if no_mask_train:
         log.warning("%d training images have no lung mask: excluded from training", no_mask_train)
     if len(train) == 0:
@@ -294,6 +298,7 @@ def segment(config: SegmentConfig) -> dict[str, Any]:
             "train": describe_rows(store, train, ones, ["lung"]),
             "val": describe_rows(store, val, np.zeros(len(val), np.int64), ["lung"]),
             "budget": config.budget,
+            "budget_seed": config.budget_seed,
             "excluded": {"train without mask": no_mask_train, "val without mask": no_mask_val},
             "ignore_masks_in_train": int(
                 0 if ignore_train is None else (ignore_train.reshape(len(train), -1).any(1)).sum()
@@ -340,6 +345,7 @@ def evaluate_segmentation_run(run: Path, info: dict, config, out: Path) -> dict[
         "init": info["init"],
         "mode": "frozen encoder" if meta["config"].get("freeze") == "all" else "finetune",
         "budget": info["data"].get("budget", "all"),
+        "budget_seed": info["data"].get("budget_seed"),
         "train": info["data"]["train"],
         "train_sources": sorted(info["data"]["train"]["sources"]),
         "eval": {},
@@ -348,7 +354,7 @@ def evaluate_segmentation_run(run: Path, info: dict, config, out: Path) -> dict[
     frames = []
     for store_path in config.stores or [info["data"]["store"]]:
         store = PreparedStore(store_path)
-        rows, no_mask = mask_rows(store, config.split, config.sources)
+        rows, no_mask = mask_rows(store, config.split, config.test_sources())
         hashes = store.manifest["pixel_hash"].iloc[rows].astype(str).to_numpy()
         seen = np.isin(hashes, list(train_hashes))
         rows = rows[~seen]
@@ -404,6 +410,7 @@ def evaluate_segmentation_run(run: Path, info: dict, config, out: Path) -> dict[
                     "grid": f"{store.image_size} px store grid",
                 },
                 **split_ci(ci),
+                **({"external": True} if source in config.external else {}),
             }
             frame = pd.DataFrame(
                 {
