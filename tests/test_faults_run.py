@@ -178,6 +178,15 @@ def test_bad_flag_is_a_one_line_usage_error(
     assert not out.exists()  # found before anything was written
 
 
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "segment"])
+def test_a_missing_store_leaves_no_run_folder(command, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    status, err = _run(capsys, [*COMMANDS[command](tmp_path / "nope", out), *_args(command)])
+    assert status == 2
+    _assert_one_line(err, command, "error:", str(tmp_path / "nope"))
+    assert not out.exists()
+
+
 def test_augment_out_size_equal_to_the_model_size_is_accepted() -> None:
     from spcxr.data.augment import AugmentConfig
     from spcxr.pretrain.engine import PretrainConfig
@@ -597,14 +606,18 @@ def _console_script() -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("extra", "named"),
+    ("command", "extra", "named"),
     [
-        (["--batch-size", "0"], "--batch-size 0"),
-        (["--device", "cuda"], "--device cuda"),
-        (["--out", "{blocker}/run"], "--out"),
+        ("pretrain", ["--batch-size", "0"], "--batch-size 0"),
+        ("pretrain", ["--device", "cuda"], "--device cuda"),
+        ("pretrain", ["--out", "{blocker}/run"], "--out"),
+        ("finetune", ["--train-epochs", "0", "--train-min-steps", "0"], "--train-epochs 0"),
+        ("segment", ["--train-device", "cuda"], "--train-device cuda"),
     ],
 )
-def test_console_script_faults_are_one_line(extra, named, tiny_store, tmp_path) -> None:
+def test_console_script_faults_are_one_line(
+    command, extra, named, tiny_store, synth_store, tmp_path
+) -> None:
     blocker = tmp_path / "blocker"
     blocker.write_text("")
     extra = [x.format(blocker=blocker) for x in extra]
@@ -614,13 +627,14 @@ def test_console_script_faults_are_one_line(extra, named, tiny_store, tmp_path) 
         "CUDA_VISIBLE_DEVICES": "",  # no GPU, whatever the machine has
         "OMP_NUM_THREADS": "1",
     }
-    argv = [*_console_script(), *COMMANDS["pretrain"](tiny_store, tmp_path / "run"), *PRETRAIN]
+    store = _store_for(command, tiny_store, synth_store)
+    argv = [*_console_script(), *COMMANDS[command](store, tmp_path / "run"), *_args(command)]
     done = subprocess.run(
         [*argv, *extra], env=env, capture_output=True, text=True, timeout=300, check=False
     )
     lines = done.stderr.splitlines()
     assert done.returncode == 2, done.stderr
-    _assert_one_line(lines, "pretrain", "error:", named)
+    _assert_one_line(lines, command, "error:", named)
     assert done.stdout == ""
     assert not (tmp_path / "run").exists()
 

@@ -335,14 +335,14 @@ class Pretrainer:
                 f"--out {self.run_dir} already holds a run; pass --resume to continue it or "
                 "choose another --out"
             )
+        self.store = PreparedStore(config.store)
+        self.rows = select_rows(self.store, config)
         if self.dist.is_main:
             # Before any work: a folder that cannot be written is a usage error, not a
             # traceback after the first checkpoint interval.
             writable_folder(self.run_dir, "--out")
             for orphan in remove_orphans(self.run_dir):
                 log.info("removed %s (left by an interrupted write)", orphan)
-        self.store = PreparedStore(config.store)
-        self.rows = select_rows(self.store, config)
         micro = config.batch_size // config.accum_steps
         if config.batch_size % config.accum_steps or micro % self.dist.world_size:
             raise UsageError(

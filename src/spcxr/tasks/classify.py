@@ -271,7 +271,6 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         raise ValueError("finetune: --store is required (a folder written by `spcxr prepare`)")
     run_dir = Path(config.out)
     device = resolve_device(config.train.device, "--train-device")
-    claim_run_dir(run_dir, config.train.resume)
     store = PreparedStore(config.store)
     rows = select_rows(store, config)
     multilabel = config.labels.multilabel
@@ -280,6 +279,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         raise ValueError(
             f"no validation rows in split {config.val_split!r}: model selection needs them"
         )
+    claim_run_dir(run_dir, config.train.resume)
 
     torch.manual_seed(derive_seed(config.train.seed, "init"))
     model, init_info = build_classifier(config.model, k, config.init)

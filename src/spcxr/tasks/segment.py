@@ -226,7 +226,6 @@ def segment(config: SegmentConfig) -> dict[str, Any]:
         raise ValueError("segment: --store is required (a folder written by `spcxr prepare`)")
     run_dir = Path(config.out)
     device = resolve_device(config.train.device, "--train-device")
-    claim_run_dir(run_dir, config.train.resume)
     store = PreparedStore(config.store)
     train, no_mask_train = mask_rows(store, config.train_split, config.sources)
     val, no_mask_val = mask_rows(store, config.val_split, config.sources)
@@ -238,6 +237,7 @@ def segment(config: SegmentConfig) -> dict[str, Any]:
         )
     if len(val) == 0:
         raise ValueError(f"{config.store}: no images with lung masks in split {config.val_split!r}")
+    claim_run_dir(run_dir, config.train.resume)
     budget = parse_budget(config.budget)
     frame = store.manifest.iloc[train].assign(_y="lung")
     train = train[select_budget(frame, budget, seed=config.budget_seed, label_col="_y")]
