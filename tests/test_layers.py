@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Bottom to top. A module may import its own layer's and lower layers' packages.
 LAYERS: list[set[str]] = [
-    {"", "errors", "atomic", "versions", "paths", "config", "rng"},  # foundations
+    {"", "errors", "checks", "atomic", "versions", "paths", "config", "rng"},  # foundations
     {"io"},  # readers
     {"data"},  # sources, store, splits, augmentation
     {"train"},  # schedules, checkpoints, devices, logs

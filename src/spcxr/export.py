@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from spcxr.atomic import atomic_path, atomic_write_text
+from spcxr.checks import writable_folder
 from spcxr.config import from_dict
 from spcxr.inference.predict import LoadedModel, load_model
 from spcxr.modelcard import model_card, run_record_dir, write_model_card
@@ -245,7 +246,7 @@ def export(config: ExportConfig) -> Path:
     out = Path(config.out)
     if out.resolve() == loaded.folder.resolve():
         raise ValueError(f"export: --out {out} is the model's own folder")
-    out.mkdir(parents=True, exist_ok=True)
+    writable_folder(out, "--out")
     source = {
         "model_dir": str(loaded.folder.resolve()),
         "weights_sha256": loaded.meta.get("weights_sha256"),

@@ -237,6 +237,10 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(
     done = subprocess.run(_spcxr(*resume), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert load_checkpoint(run / "checkpoint.pt")["step"] == 60
+    # A temporary checkpoint the kill may have left is removed when the run starts again.
+    assert not list(run.glob(".*.tmp")) and not list(run.glob("*/.*.tmp"))
+    steps = [r["step"] for r in read_log(run)]
+    assert steps == sorted(set(steps))  # each step logged once, in order
 
 
 @pytest.mark.slow

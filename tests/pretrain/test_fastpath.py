@@ -264,7 +264,7 @@ def test_fast_path_flags_default_to_cuda_only(tiny_store: Path, tmp_path: Path) 
     fast = Pretrainer(_config(tiny_store, tmp_path / "fast", fused_optimizer=True, prefetch=True))
     assert (fast.fused, fast.prefetch) == (True, True)
     assert all(g["fused"] is True for g in fast.optimizer.param_groups)
-    with pytest.raises(ValueError, match="compile_mode"):
+    with pytest.raises(ValueError, match="--compile-mode fastest"):
         Pretrainer(_config(tiny_store, tmp_path / "bad", compile_mode="fastest"))
 
 

@@ -33,7 +33,7 @@ def images() -> torch.Tensor:
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="loss_on"):
         GMMLConfig(loss_on="some")
-    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+    with pytest.raises(ValueError, match="not a multiple of --model-patch-size"):
         GMMLConfig(img_size=100)
     with pytest.raises(ValueError, match=r"outside 1\.\.12"):
         GMMLConfig(recon_blocks=(6, 13))

@@ -50,7 +50,8 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from spcxr.atomic import atomic_write_text
+from spcxr.atomic import atomic_write_text, remove_orphans
+from spcxr.checks import at_least, positive, require, writable_folder
 from spcxr.config import save_yaml, to_dict
 from spcxr.data.augment import AugmentConfig, eval_transform, make_views
 from spcxr.data.loader import (
@@ -61,6 +62,7 @@ from spcxr.data.loader import (
     make_loader,
 )
 from spcxr.data.store import PreparedStore
+from spcxr.errors import UsageError
 from spcxr.pretrain.gmml import GMMLConfig, GMMLModel, param_groups, reconstruction_loss_terms
 from spcxr.pretrain.masking import Corrupted, MaskingConfig, corrupt
 from spcxr.pretrain.monitor import FeatureMonitor, select_monitor_set
@@ -187,10 +189,73 @@ class PretrainConfig:
     tensorboard: bool = True
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        """Refuse values that would crash or silently pretrain nothing, naming the flag."""
+        at_least(self.batch_size, 1, "--batch-size")
+        at_least(self.accum_steps, 1, "--accum-steps")
+        require(
+            self.batch_size % self.accum_steps == 0,
+            "--batch-size",
+            self.batch_size,
+            f"must split into --accum-steps {self.accum_steps} equal accumulation micro-batches",
+        )
+        at_least(self.max_steps, 0, "--max-steps")
+        if self.max_steps == 0:
+            require(
+                isinstance(self.epochs, (int, float)) and math.isfinite(self.epochs),
+                "--epochs",
+                self.epochs,
+                "must be a finite number",
+            )
+            require(
+                self.epochs > 0,
+                "--epochs",
+                self.epochs,
+                "a run of 0 steps would save a random encoder as if pretrained: give --epochs "
+                "> 0 or --max-steps > 0",
+            )
+        at_least(self.workers, 0, "--workers")
+        o = self.optim
+        positive(o.lr, "--optim-lr")
+        at_least(o.min_lr, 0, "--optim-min-lr")
+        at_least(o.warmup_epochs, 0, "--optim-warmup-epochs")
+        at_least(o.weight_decay, 0, "--optim-weight-decay")
+        at_least(o.weight_decay_end, 0, "--optim-weight-decay-end")
+        at_least(o.clip_grad, 0, "--optim-clip-grad")
+        at_least(self.checkpoint_every, 1, "--checkpoint-every")
+        at_least(self.log_every, 1, "--log-every")
+        at_least(self.preview_every, 0, "--preview-every")
+        at_least(self.preview_images, 1, "--preview-images")
+        require(
+            self.compile_mode in COMPILE_MODES,
+            "--compile-mode",
+            self.compile_mode,
+            f"must be one of {', '.join(COMPILE_MODES)}",
+        )
+        # The views are the model's input, so their size is the model's. An --augment-out-size
+        # left at its default follows --model-img-size; one given that differs is refused
+        # (it used to be overridden without a word).
+        size = self.model.img_size
+        if self.augment.out_size != size:
+            require(
+                self.augment.out_size == AugmentConfig.out_size,
+                "--augment-out-size",
+                self.augment.out_size,
+                f"differs from --model-img-size {size}: the views are the ViT's input, so they "
+                f"are always --model-img-size; leave --augment-out-size out or set "
+                f"--model-img-size {self.augment.out_size}",
+            )
+            self.augment = dataclasses.replace(self.augment, out_size=size)
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped without overwriting the checkpoint."""
 
+
+# The run folder and the store are the same when resumed however they are spelled (``./run``,
+# ``run/``, an absolute path, a moved run): the checkpoint is read from the folder given, and
+# the store is compared by its content fingerprint.
+_SAME_BY_IDENTITY = {"out", "store"}
 
 # Fields that may change when a run is resumed (they do not change what is computed).
 _RESUMABLE = {
@@ -318,17 +383,30 @@ class Pretrainer:
     def __init__(self, config: PretrainConfig) -> None:
         if not config.store:
             raise ValueError("pretrain: --store is required (a folder written by `spcxr prepare`)")
-        self.dist = distributed.setup(config.device)
+        self.dist = distributed.setup(config.device, "--device")
         config.augment = dataclasses.replace(config.augment, out_size=config.model.img_size)
         self.config = config
         self.run_dir = Path(config.out)
+        self.checkpoint_path = self.run_dir / "checkpoint.pt"
+        if self.checkpoint_path.exists() and not config.resume:
+            raise UsageError(
+                f"--out {self.run_dir} already holds a run; pass --resume to continue it or "
+                "choose another --out"
+            )
         self.store = PreparedStore(config.store)
         self.rows = select_rows(self.store, config)
+        if self.dist.is_main:
+            # Before any work: a folder that cannot be written is a usage error, not a
+            # traceback after the first checkpoint interval.
+            writable_folder(self.run_dir, "--out")
+            for orphan in remove_orphans(self.run_dir):
+                log.info("removed %s (left by an interrupted write)", orphan)
         micro = config.batch_size // config.accum_steps
         if config.batch_size % config.accum_steps or micro % self.dist.world_size:
-            raise ValueError(
-                f"batch_size {config.batch_size} must split into {config.accum_steps} accumulation "
-                f"steps of a multiple of {self.dist.world_size} processes"
+            raise UsageError(
+                f"--batch-size {config.batch_size}: must split into --accum-steps "
+                f"{config.accum_steps} micro-batches of a multiple of {self.dist.world_size} "
+                "processes"
             )
         self.micro_global = micro
         self.micro_local = micro // self.dist.world_size
@@ -396,15 +474,10 @@ class Pretrainer:
             fused=True if self.fused else None,  # None: torch's default (foreach on CUDA)
         )
         self.step = 0
-        self.checkpoint_path = self.run_dir / "checkpoint.pt"
         if config.resume and self.checkpoint_path.exists():
             self._resume()
         elif config.resume:
             log.info("--resume: no checkpoint in %s yet, starting a new run", self.run_dir)
-        elif self.checkpoint_path.exists():
-            raise ValueError(
-                f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --out"
-            )
         self.forward_model: torch.nn.Module = self.model
         if self.dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -431,7 +504,11 @@ class Pretrainer:
     def _resume(self) -> None:
         state = load_checkpoint(self.checkpoint_path, map_location=self.device)
         saved, now = state["config"], to_dict(self.config)
-        changed = sorted(k for k in now if k not in _RESUMABLE and saved.get(k) != now[k])
+        changed = sorted(
+            k
+            for k in now
+            if k not in _RESUMABLE and k not in _SAME_BY_IDENTITY and saved.get(k) != now[k]
+        )
         if changed:
             raise ValueError(
                 f"{self.checkpoint_path}: cannot resume with different settings: {changed}"
@@ -644,7 +721,12 @@ class Pretrainer:
     def run(self) -> PretrainResult:
         config = self.config
         self._write_run_info()
-        logger = RunLogger(self.run_dir, enabled=self.dist.is_main, tensorboard=config.tensorboard)
+        logger = RunLogger(
+            self.run_dir,
+            enabled=self.dist.is_main,
+            tensorboard=config.tensorboard,
+            start_step=self.step,
+        )
         step_batches = self.batches()
         wait_meter = DataWaitMeter(self.device)
         bar = tqdm(

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from spcxr.checks import at_least, require
 from spcxr.models.heads import ReconstructionHead
 from spcxr.models.vit import create_encoder, map_blocks
 
@@ -66,10 +67,16 @@ class GMMLConfig:
         self.recon_blocks = tuple(int(b) for b in self.recon_blocks)
         if self.loss_on not in LOSS_ON:
             raise ValueError(f"loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
-        if self.img_size % self.patch_size:
-            raise ValueError(
-                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
-            )
+        # Flags as ``spcxr pretrain`` spells them (this is its ``model`` group).
+        at_least(self.img_size, 1, "--model-img-size")
+        at_least(self.patch_size, 1, "--model-patch-size")
+        at_least(self.in_chans, 1, "--model-in-chans")
+        require(
+            self.img_size % self.patch_size == 0,
+            "--model-img-size",
+            self.img_size,
+            f"is not a multiple of --model-patch-size {self.patch_size}",
+        )
         map_blocks(self.recon_blocks, self.recon_reference_depth, self.recon_reference_depth)
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spcxr.atomic import atomic_write_text
+from spcxr.checks import at_least, require
 from spcxr.config import save_yaml, to_dict
 from spcxr.data.augment import AugmentConfig, eval_transform
 from spcxr.data.budget import kfold_groups, parse_budget, select_budget
@@ -43,6 +44,7 @@ from spcxr.rng import derive_seed
 from spcxr.tasks.loop import (
     StepBatches,
     TrainConfig,
+    claim_run_dir,
     class_weights,
     finish_run,
     fit,
@@ -122,6 +124,14 @@ class FinetuneConfig:
             raise ValueError(
                 f"balance must be weighted_loss, sampler or none, not {self.balance!r}"
             )
+        self.train.validate("--train-")
+        require(
+            0 <= self.label_smoothing < 1,
+            "--label-smoothing",
+            self.label_smoothing,
+            "must be in [0, 1)",
+        )
+        at_least(self.max_val_images, 0, "--max-val-images")
 
 
 @dataclass
@@ -267,7 +277,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     if not config.store:
         raise ValueError("finetune: --store is required (a folder written by `spcxr prepare`)")
     run_dir = Path(config.out)
-    device = resolve_device(config.train.device)
+    device = resolve_device(config.train.device, "--train-device")
     precision = resolve_precision(config.train.precision, device, flag="--train-precision")
     store = PreparedStore(config.store)
     rows = select_rows(store, config)
@@ -277,6 +287,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         raise ValueError(
             f"no validation rows in split {config.val_split!r}: model selection needs them"
         )
+    claim_run_dir(run_dir, config.train.resume)
 
     torch.manual_seed(derive_seed(config.train.seed, "init"))
     model, init_info = build_classifier(config.model, k, config.init)

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from spcxr.atomic import atomic_write_text
+from spcxr.checks import at_least, require, writable_folder
 from spcxr.data.labels import LabelConfig, targets, usable
 from spcxr.data.store import PreparedStore
 from spcxr.evaluation.bootstrap import split_ci
@@ -79,6 +80,11 @@ class EvaluateConfig:
         if not self.sources:
             return []
         return list(dict.fromkeys([*self.sources, *self.external]))
+
+    def __post_init__(self) -> None:
+        at_least(self.n_boot, 1, "--n-boot")
+        require(0 < self.level < 1, "--level", self.level, "must be in (0, 1), e.g. 0.95")
+        at_least(self.batch_size, 1, "--batch-size")
 
 
 def _run_name(run: Path) -> str:
@@ -157,9 +163,9 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
 
     if not config.runs:
         raise ValueError("evaluate: give at least one --runs RUN folder")
-    out = Path(config.out)
+    device = resolve_device(config.device, "--device")
+    out = writable_folder(config.out, "--out")
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
     config.precision = resolve_precision(config.precision, device)
     results: dict[str, Any] = {
         "config": _plain_config(config),

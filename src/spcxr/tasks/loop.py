@@ -28,9 +28,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from spcxr.atomic import atomic_write_text
+from spcxr.atomic import atomic_write_text, remove_orphans
+from spcxr.checks import at_least, positive, require, writable_folder
 from spcxr.data.loader import StoreBatches
 from spcxr.data.store import PreparedStore
+from spcxr.errors import UsageError
 from spcxr.rng import derive_seed
 from spcxr.train.checkpoint import load_checkpoint, save_checkpoint
 from spcxr.train.distributed import autocast, resolve_precision
@@ -100,6 +102,49 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+
+    def validate(self, prefix: str = "--train-") -> None:
+        """Refuse values that would crash or silently train nothing (flags ``PREFIX...``).
+
+        Raises:
+            UsageError: the first bad value, naming its flag (e.g. ``--train-batch-size``).
+        """
+        p, o = prefix, self.optim
+        at_least(self.batch_size, 1, f"{p}batch-size")
+        at_least(self.epochs, 0, f"{p}epochs")
+        at_least(self.min_steps, 0, f"{p}min-steps")
+        require(
+            self.epochs > 0 or self.min_steps > 0,
+            f"{p}epochs",
+            self.epochs,
+            f"a run of 0 steps trains nothing: give {p}epochs > 0 or {p}min-steps > 0",
+        )
+        at_least(self.eval_every, 0, f"{p}eval-every")
+        at_least(self.patience, 0, f"{p}patience")
+        at_least(self.workers, 0, f"{p}workers")
+        positive(o.lr, f"{p}optim-lr")
+        at_least(o.min_lr, 0, f"{p}optim-min-lr")
+        at_least(o.weight_decay, 0, f"{p}optim-weight-decay")
+        at_least(o.warmup_epochs, 0, f"{p}optim-warmup-epochs")
+        positive(o.layer_decay, f"{p}optim-layer-decay")
+        at_least(o.clip_grad, 0, f"{p}optim-clip-grad")
+
+
+def claim_run_dir(run_dir: Path, resume: bool, flag: str = "--out") -> None:
+    """Before anything is written: the run folder is writable (:func:`writable_folder`), an
+    existing run is continued only with ``--resume``, and temporary files a killed run left
+    behind are deleted.
+
+    Raises:
+        UsageError: the folder cannot be written, or holds a run and ``resume`` is off.
+    """
+    if (run_dir / "checkpoint.pt").is_file() and not resume:
+        raise UsageError(
+            f"{flag} {run_dir} already holds a run; pass --train-resume or choose another {flag}"
+        )
+    writable_folder(run_dir, flag)
+    for orphan in remove_orphans(run_dir):
+        log.info("removed %s (left by an interrupted write)", orphan)
 
 
 class StepBatches:
@@ -251,9 +296,11 @@ def fit(
         bad_evals, history = state["bad_evals"], state["history"]
         log.info("resumed %s at step %d", run_dir, step)
     elif ckpt_path.is_file():
-        raise ValueError(f"{run_dir} already holds a run; pass --resume or choose another --out")
+        raise UsageError(
+            f"--out {run_dir} already holds a run; pass --train-resume or choose another --out"
+        )
 
-    logger = RunLogger(run_dir, tensorboard=config.tensorboard)
+    logger = RunLogger(run_dir, tensorboard=config.tensorboard, start_step=step)
     bar = tqdm(
         total=total, initial=step, desc=run_dir.name, unit="step", disable=not config.progress
     )

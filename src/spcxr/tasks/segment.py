@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from spcxr.atomic import atomic_write_text
+from spcxr.checks import at_least, require
 from spcxr.config import save_yaml
 from spcxr.data.augment import AugmentConfig, eval_transform
 from spcxr.data.budget import parse_budget, select_budget
@@ -42,6 +43,7 @@ from spcxr.tasks.classify import describe_rows
 from spcxr.tasks.loop import (
     StepBatches,
     TrainConfig,
+    claim_run_dir,
     finish_run,
     fit,
     preprocessing_record,
@@ -101,6 +103,17 @@ class SegmentConfig:
     model: SegmenterConfig = field(default_factory=SegmenterConfig)
     augment: FinetuneAugmentConfig = field(default_factory=FinetuneAugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        self.train.validate("--train-")
+        at_least(self.dice_weight, 0, "--dice-weight")
+        at_least(self.bce_weight, 0, "--bce-weight")
+        require(
+            self.dice_weight + self.bce_weight > 0,
+            "--dice-weight",
+            self.dice_weight,
+            "and --bce-weight are both 0: the loss would be 0",
+        )
 
 
 def mask_rows(store: PreparedStore, split: str, sources: list[str]) -> tuple[np.ndarray, int]:
@@ -216,7 +229,7 @@ def segment(config: SegmentConfig) -> dict[str, Any]:
     if not config.store:
         raise ValueError("segment: --store is required (a folder written by `spcxr prepare`)")
     run_dir = Path(config.out)
-    device = resolve_device(config.train.device)
+    device = resolve_device(config.train.device, "--train-device")
     precision = resolve_precision(config.train.precision, device, flag="--train-precision")
     store = PreparedStore(config.store)
     train, no_mask_train = mask_rows(store, config.train_split, config.sources)
@@ -230,6 +243,7 @@ def segment(config: SegmentConfig) -> dict[str, Any]:
         )
     if len(val) == 0:
         raise ValueError(f"{config.store}: no images with lung masks in split {config.val_split!r}")
+    claim_run_dir(run_dir, config.train.resume)
     budget = parse_budget(config.budget)
     frame = store.manifest.iloc[train].assign(_y="lung")
     train = train[select_budget(frame, budget, seed=config.budget_seed, label_col="_y")]

@@ -9,6 +9,7 @@ moment (even by SIGKILL) leaves either the old or the new checkpoint, never a to
 
 from __future__ import annotations
 
+import errno
 import pickle
 import re
 from pathlib import Path
@@ -16,13 +17,25 @@ from typing import Any
 
 import torch
 
-from spcxr.atomic import atomic_path
+from spcxr.atomic import atomic_path, disk_full
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Atomically write ``state`` to ``path`` (temporary file in the same folder + rename)."""
+    """Atomically write ``state`` to ``path`` (temporary file in the same folder + rename).
+
+    Raises:
+        OSError: the write failed; ``ENOSPC`` on a full disk (torch reports it only as
+            "enforce fail at inline_container.cc"), otherwise ``EIO`` with torch's message.
+            The previous checkpoint is left as it was.
+    """
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:  # atomic_path turns it into ENOSPC when the disk is full
+            if disk_full(Path(path).parent):
+                raise
+            reason = " ".join(str(e).split())
+            raise OSError(errno.EIO, f"could not write the checkpoint ({reason})", str(path)) from e
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -38,11 +38,33 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; otherwise the named device."""
+def resolve_device(name: str, flag: str = "--device") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; otherwise the named device.
+
+    Raises:
+        UsageError: ``name`` is not a device, or names a GPU this machine does not have (the
+            message names ``flag``, the setting as the user spells it).
+    """
+    from spcxr.errors import UsageError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"{flag} {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"{flag} {name}: no CUDA GPU is usable on this machine (torch "
+                f"{torch.__version__}); use {flag} cpu or {flag} auto"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"{flag} {name}: this machine has {count} CUDA GPU(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"{flag} {name}: MPS is not available; use {flag} cpu or {flag} auto")
+    return device
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -98,10 +120,10 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def setup(device: str = "auto") -> DistInfo:
+def setup(device: str = "auto", flag: str = "--device") -> DistInfo:
     """Initialise the process group when launched by torchrun; a no-op for one process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    base = resolve_device(device)
+    base = resolve_device(device, flag)
     if world_size == 1:
         return DistInfo(device=base)
     rank = int(os.environ["RANK"])
