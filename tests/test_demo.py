@@ -24,6 +24,7 @@ def test_reduced_demo_runs_every_stage(tmp_path: Path) -> None:
         segment_steps=8,
         n_boot=50,
         predict_images=2,
+        draws=2,
     )
     # pretraining ran and exported an encoder
     assert summary["pretrain"]["steps"] == 8
@@ -34,9 +35,15 @@ def test_reduced_demo_runs_every_stage(tmp_path: Path) -> None:
     for r in rows:
         v = r["value"]
         assert 0.0 <= v["low"] <= v["value"] <= v["high"] <= 1.0
+    # GMML and scratch on the same two label draws: a paired difference per metric
+    paired = summary["tasks"]["classify"]["paired"]
+    assert paired and all(p["comparison"] == "gmml - scratch" and p["draws"] == 2 for p in paired)
+    for p in paired:
+        d = p["difference"]
+        assert d["low"] <= d["value"] <= d["high"]
     metrics = json.loads((out / "reports" / "classify" / "metrics.json").read_text())
     # trained on site_a only, tested on every site: the drift table has the three sites
-    drift = metrics["drift"]["gmml_8perclass"]
+    drift = metrics["drift"]["gmml_8perclass_draw0"]
     assert drift["train_sources"] == ["site_a"]
     assert set(drift["cells"]) == {"site_a", "site_b", "site_c"}
     # segmentation ran and was scored with Dice

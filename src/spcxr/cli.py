@@ -278,6 +278,8 @@ class DemoCommand:
         finetune_steps: fine-tuning steps per classifier.
         segment_steps: segmentation training steps.
         n_boot: bootstrap replicates of the confidence intervals.
+        draws: label draws of the classifiers (GMML and scratch on the same draws; the report
+            gives their paired difference with an interval).
     """
 
     out: str = "demo_out"
@@ -288,6 +290,7 @@ class DemoCommand:
     finetune_steps: int = 60
     segment_steps: int = 80
     n_boot: int = 500
+    draws: int = 3
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -303,6 +306,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         finetune_steps=cmd.finetune_steps,
         segment_steps=cmd.segment_steps,
         n_boot=cmd.n_boot,
+        draws=cmd.draws,
     )
     print(json.dumps(summary, indent=2))
     print(f"report: {summary['report']}")
