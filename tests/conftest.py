@@ -36,6 +36,23 @@ def _seeded_rngs():
     torch.manual_seed(0)
 
 
+def console_script() -> str:
+    """The installed ``spcxr`` script: beside this interpreter (the README's venv), else on PATH.
+
+    Skips the calling test when spcxr is not installed as a package (``pip install -e .``).
+    """
+    import shutil
+    import sys
+
+    script = Path(sys.executable).with_name("spcxr")
+    if script.is_file():
+        return str(script)
+    found = shutil.which("spcxr")
+    if found is None:
+        pytest.skip("the spcxr console script is not installed (pip install -e .)")
+    return found
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The shared real chest X-ray folder; skips the test when it is absent."""

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from tests.conftest import console_script
 
 pytestmark = pytest.mark.slow
 
@@ -28,22 +27,11 @@ TINY_TRAIN = [
 ]  # fmt: skip
 
 
-def _console_script() -> str:
-    """The ``spcxr`` script installed beside this interpreter (the README's install puts it there)."""
-    script = Path(sys.executable).with_name("spcxr")
-    if script.is_file():
-        return str(script)
-    found = shutil.which("spcxr")
-    if found is None:
-        pytest.skip("the spcxr console script is not installed (pip install -e .)")
-    return found
-
-
 def spcxr(*args: str, cwd: Path, expect: int = 0) -> subprocess.CompletedProcess[str]:
     """Runs ``spcxr ARGS`` and checks the exit status and that nothing crashed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(
-        [_console_script(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+        [console_script(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
     )
     assert done.returncode == expect, f"spcxr {' '.join(args)}\n{done.stdout}\n{done.stderr}"
     assert "Traceback" not in done.stderr, done.stderr

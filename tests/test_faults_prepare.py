@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from tests.conftest import write_smooth_images
+from tests.conftest import console_script, write_smooth_images
 from tests.data.sources.layouts import write_csv, write_dicom
 from tests.inference.test_predict import make_class_run
 
@@ -250,10 +249,10 @@ def _read_only(monkeypatch) -> None:
     """Every atomic write fails as in a read-only folder (root ignores chmod)."""
     import spcxr.atomic
 
-    def mkstemp(*args, dir=None, **kwargs):
-        raise PermissionError(errno.EACCES, "Permission denied", os.fspath(dir))
+    def create(path):
+        raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path.parent))
 
-    monkeypatch.setattr(spcxr.atomic.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(spcxr.atomic, "_create_temporary", create)
 
 
 def test_prepare_into_a_read_only_folder_is_one_line(tmp_path, capsys, monkeypatch):
@@ -580,7 +579,8 @@ def _predict_argv(run: Path, out: Path, *inputs: str, extra: tuple[str, ...] = (
         str(run),
         "--out",
         str(out),
-        "--no-heatmaps",
+        "--heatmaps",
+        "off",
         "--workers",
         "0",
         "--device",
@@ -675,7 +675,7 @@ def test_predict_on_a_full_disk_while_writing_overlays_names_the_file(
 
     monkeypatch.setattr(predict_module, "save_png", full)
     argv = _predict_argv(class_run, out, str(image))
-    argv[argv.index("--no-heatmaps")] = "--heatmaps"
+    argv[argv.index("--heatmaps") + 1] = "all"
     rc, lines = run_cli([*argv, "--heatmap-steps", "1"], capsys)
     assert rc == 1
     assert_one_line(lines, "No space left on device", str(tmp_path / "pred_heatmaps"), "a_")
@@ -702,7 +702,7 @@ def test_predict_reports_a_chmod_000_subfolder(class_run, tmp_path, capsys):
 
 
 def _spcxr(args: list[str]) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("spcxr") or pytest.skip("the spcxr console script is not on PATH")
+    exe = console_script()
     env = dict(os.environ)
     src = str(Path(spcxr.__file__).resolve().parents[1])  # this checkout's code
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])

@@ -14,11 +14,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import console_script
 
 import spcxr.atomic as atomic
 from spcxr.atomic import atomic_write_text
@@ -599,10 +599,7 @@ def test_truncate_log_drops_later_steps_and_a_torn_line(tmp_path) -> None:
 
 
 def _console_script() -> list[str]:
-    script = Path(sys.executable).parent / "spcxr"
-    if not script.is_file():
-        pytest.skip(f"the spcxr console script is not installed next to {sys.executable}")
-    return [str(script)]
+    return [console_script()]
 
 
 @pytest.mark.parametrize(
