@@ -120,3 +120,28 @@ def synth_store(tmp_path_factory) -> Path:
         )
     )
     return root / "store"
+
+
+def tiny_pretrain_config(store: Path, out: Path, **overrides):
+    """A ViT-Ti/8 GMML run at 32 px on the CPU: a few steps take seconds. Keyword arguments
+    override any :class:`~spcxr.pretrain.engine.PretrainConfig` field."""
+    from spcxr.pretrain.engine import OptimConfig, PretrainConfig
+    from spcxr.pretrain.gmml import GMMLConfig
+
+    settings = dict(
+        store=str(store),
+        out=str(out),
+        model=GMMLConfig(arch="vit_tiny", img_size=32, patch_size=8, drop_path_rate=0.1),
+        optim=OptimConfig(lr=1e-3, warmup_epochs=0.2),
+        batch_size=8,
+        max_steps=8,
+        device="cpu",
+        workers=0,
+        log_every=2,
+        checkpoint_every=4,
+        preview_every=4,
+        progress=False,
+        tensorboard=False,
+    )
+    settings.update(overrides)
+    return PretrainConfig(**settings)

@@ -6,32 +6,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import tiny_pretrain_config
 
 from spcxr.cli import main
-from spcxr.pretrain.engine import OptimConfig, PretrainConfig, parse_duration, pretrain
-from spcxr.pretrain.gmml import GMMLConfig
+from spcxr.pretrain.engine import PretrainConfig, parse_duration, pretrain
 from spcxr.train.checkpoint import load_checkpoint
 
 
 def _config(store: Path, out: Path, **kw) -> PretrainConfig:
-    base = dict(
-        store=str(store),
-        out=str(out),
-        model=GMMLConfig(arch="vit_tiny", img_size=32, patch_size=8, drop_path_rate=0.1),
-        optim=OptimConfig(lr=1e-3, warmup_epochs=0.2),
-        batch_size=8,
-        epochs=1.0,  # 9 steps on the tiny store's training images
-        device="cpu",
-        precision="fp32",
-        workers=0,
-        log_every=2,
-        checkpoint_every=1000,
-        preview_every=1000,
-        progress=False,
-        tensorboard=False,
+    return tiny_pretrain_config(
+        store,
+        out,
+        **{
+            "epochs": 1.0,
+            "max_steps": 0,
+            "precision": "fp32",
+            "checkpoint_every": 1000,
+            "preview_every": 1000,
+            **kw,
+        },
     )
-    base.update(kw)
-    return PretrainConfig(**base)
 
 
 def test_parse_duration() -> None:

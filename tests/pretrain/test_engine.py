@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import tiny_pretrain_config
 
 from spcxr.pretrain import engine
 from spcxr.pretrain.engine import (
     NonFiniteLossError,
-    OptimConfig,
     PretrainConfig,
     Pretrainer,
     pretrain,
@@ -46,24 +46,8 @@ TINY = [
 ]
 
 
-def _config(store: Path, out: Path, **kwargs) -> PretrainConfig:
-    defaults = dict(
-        store=str(store),
-        out=str(out),
-        model=GMMLConfig(arch="vit_tiny", img_size=32, patch_size=8, drop_path_rate=0.1),
-        optim=OptimConfig(lr=1e-3, warmup_epochs=0.2),
-        batch_size=8,
-        max_steps=8,
-        device="cpu",
-        workers=0,
-        log_every=2,
-        checkpoint_every=4,
-        preview_every=4,
-        progress=False,
-        tensorboard=False,
-    )
-    defaults.update(kwargs)
-    return PretrainConfig(**defaults)
+def _config(store: Path, out: Path, **kw) -> PretrainConfig:
+    return tiny_pretrain_config(store, out, **{"max_steps": 8, **kw})
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tests.conftest import tiny_pretrain_config
 
 from spcxr.data.prepare import PrepareConfig, prepare
 from spcxr.data.splits import SplitConfig
@@ -83,25 +84,22 @@ def bright_store(tmp_path_factory) -> Path:
 
 
 def _config(store: Path, out: Path, **kw) -> PretrainConfig:
-    base = dict(
-        store=str(store),
-        out=str(out),
-        model=GMMLConfig(arch="vit_tiny", img_size=32, patch_size=8, drop_path_rate=0.0),
-        optim=OptimConfig(lr=1e-3, warmup_epochs=0),
-        batch_size=8,
-        max_steps=4,
-        device="cpu",
-        precision="fp32",
-        workers=0,
-        log_every=2,
-        preview_every=1000,
-        monitor_every=2,
-        monitor_images=64,
-        progress=False,
-        tensorboard=True,
+    return tiny_pretrain_config(
+        store,
+        out,
+        **{
+            "model": GMMLConfig(arch="vit_tiny", img_size=32, patch_size=8, drop_path_rate=0.0),
+            "optim": OptimConfig(lr=1e-3, warmup_epochs=0),
+            "max_steps": 4,
+            "precision": "fp32",
+            "checkpoint_every": 1000,
+            "preview_every": 1000,
+            "monitor_every": 2,
+            "monitor_images": 64,
+            "tensorboard": True,
+            **kw,
+        },
     )
-    base.update(kw)
-    return PretrainConfig(**base)
 
 
 def test_monitor_set_is_fixed_labelled_and_from_the_split(bright_store: Path) -> None:
