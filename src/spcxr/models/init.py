@@ -41,14 +41,14 @@ from typing import Any
 import safetensors
 import safetensors.torch
 import torch
-from timm.layers import resample_abs_pos_embed, to_2tuple
+from timm.layers import to_2tuple
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from spcxr.atomic import atomic_path, atomic_write_text
 from spcxr.models.vit import (
-    convert_in_chans,
     create_encoder,
+    fit_encoder_state,
     load_encoder,
     read_encoder_config,
 )
@@ -209,30 +209,6 @@ def _check_shape(found: VisionTransformer, wanted: VisionTransformer, source: Pa
         )
 
 
-def _fit_state(
-    state: Mapping[str, torch.Tensor], target: VisionTransformer, source_img: tuple[int, int]
-) -> dict[str, torch.Tensor]:
-    """Adapts an encoder state dict to ``target``: input channels and position-embedding grid.
-
-    The same adaptations ``load_encoder`` applies to exported files (``convert_in_chans`` and
-    ``resample_abs_pos_embed`` with timm's defaults: bicubic, antialiased, prefix tokens kept).
-    """
-    state = dict(state)
-    patch_weight = state["patch_embed.proj.weight"]
-    if patch_weight.shape[1] != target.patch_embed.proj.in_channels:
-        state = convert_in_chans(state, target.patch_embed.proj.in_channels)
-    patch = patch_weight.shape[-2:]
-    old_grid = [side // p for side, p in zip(source_img, patch, strict=True)]
-    if "pos_embed" in state and list(target.patch_embed.grid_size) != old_grid:
-        state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"],
-            new_size=list(target.patch_embed.grid_size),
-            old_size=old_grid,
-            num_prefix_tokens=0 if target.no_embed_class else target.num_prefix_tokens,
-        )
-    return state
-
-
 def _encoder_from_state(
     state: Mapping[str, torch.Tensor],
     source: Mapping[str, Any],
@@ -257,7 +233,7 @@ def _encoder_from_state(
     )
     target = create_encoder(**target_args, device="meta")
     _check_shape(shell, target, path, str(target_args["arch"]))
-    load_exact(target, _fit_state(encoder_state, target, source_img), path)
+    load_exact(target, fit_encoder_state(encoder_state, target, source_img), path)
     return target
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "VARIANTS",
     "convert_in_chans",
     "create_encoder",
+    "fit_encoder_state",
     "load_encoder",
     "map_blocks",
     "read_encoder_config",
@@ -434,22 +435,32 @@ def _target_cfg(cfg: Mapping[str, Any], in_chans: int, img_size: ImageSize) -> d
     return out
 
 
-def _adapt_state(
-    state: dict[str, torch.Tensor], model: VisionTransformer, source_size: Sequence[int]
+def fit_encoder_state(
+    state: Mapping[str, torch.Tensor], model: VisionTransformer, source_size: Sequence[int]
 ) -> dict[str, torch.Tensor]:
-    """Fits a saved state dict to ``model``: input channels, position grid, classifier."""
+    """Adapts an encoder state dict saved at ``source_size`` to ``model``: input channels
+    (:func:`convert_in_chans`) and the position-embedding grid (``resample_abs_pos_embed`` with
+    timm's defaults, as timm's ``checkpoint_filter_fn``: bicubic, antialiased, prefix kept)."""
+    state = dict(state)
     if state[_PATCH_WEIGHT].shape[1] != model.patch_embed.proj.in_channels:
         state = convert_in_chans(state, model.patch_embed.proj.in_channels)
     patch = state[_PATCH_WEIGHT].shape[-2:]
     old_grid = [side // p for side, p in zip(source_size, patch, strict=True)]
     if "pos_embed" in state and list(model.patch_embed.grid_size) != old_grid:
-        # The same call (and defaults) as timm's vision_transformer.checkpoint_filter_fn.
         state["pos_embed"] = resample_abs_pos_embed(
             state["pos_embed"],
-            new_size=model.patch_embed.grid_size,
+            new_size=list(model.patch_embed.grid_size),
             old_size=old_grid,
             num_prefix_tokens=0 if model.no_embed_class else model.num_prefix_tokens,
         )
+    return state
+
+
+def _adapt_state(
+    state: dict[str, torch.Tensor], model: VisionTransformer, source_size: Sequence[int]
+) -> dict[str, torch.Tensor]:
+    """Fits a saved state dict to ``model``: input channels, position grid, classifier."""
+    state = fit_encoder_state(state, model, source_size)
     head = {f"head.{k}": v for k, v in model.head.state_dict().items()}
     saved = {k: v for k, v in state.items() if k.startswith("head.")}
     if saved.keys() != head.keys() or any(saved[k].shape != v.shape for k, v in head.items()):
