@@ -6,6 +6,7 @@ Only subcommands that really work are registered.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import shlex
@@ -316,85 +317,54 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-COMMANDS: dict[str, tuple[str, type | None, Callable[[argparse.Namespace], int], dict]] = {}
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its settings class (``module:Class``, imported when the parser is built,
+    since every setting is a flag) and the function that runs it."""
+
+    name: str
+    help: str
+    settings: str
+    run: Callable[[argparse.Namespace], int]
+    positional: tuple[tuple[str, str], ...] = ()
 
 
-def _register(name: str, help_text: str, config_cls: type, fn, positional: dict | None = None):
-    COMMANDS[name] = (help_text, config_cls, fn, positional or {})
+COMMANDS: tuple[Command, ...] = (
+    Command("prepare", "read raw datasets into a prepared store",
+            "spcxr.data.prepare:PrepareConfig", _cmd_prepare, (("sources", "SOURCE"),)),
+    Command("pretrain", "GMML self-supervised pretraining of a ViT",
+            "spcxr.pretrain.engine:PretrainConfig", _cmd_pretrain),
+    Command("finetune",
+            "fine-tune a classifier (or linear-probe) from a GMML encoder or from scratch",
+            "spcxr.tasks.classify:FinetuneConfig", _cmd_finetune),
+    Command("segment", "train a lung segmenter on a pretrained (or random) ViT",
+            "spcxr.tasks.segment:SegmentConfig", _cmd_segment),
+    Command("evaluate", "metrics with confidence intervals, drift tables, comparisons and plots",
+            "spcxr.tasks.evaluate:EvaluateConfig", _cmd_evaluate, (("runs", "RUN"),)),
+    Command("predict",
+            "apply a trained run to image files: probabilities, lung masks, explanation maps (CSV)",
+            "spcxr.inference:PredictConfig", _cmd_predict, (("inputs", "INPUT"),)),
+    Command("export",
+            "portable weights: safetensors, timm encoder, ONNX, preprocessing.json, model card",
+            "spcxr.export:ExportConfig", _cmd_export),
+    Command("serve",
+            "a local web service and page for trained runs: POST /v1/predict, GET /v1/models, /",
+            "spcxr.serve.app:ServeConfig", _cmd_serve),
+    Command("study", "run a real-data study (prepare, pretrain, tasks, results page)",
+            "spcxr.cli:StudyCommand", _cmd_study, (("study", "CONFIG"),)),
+    Command("synth", "write the synthetic chest-radiograph set", "spcxr.cli:SynthCommand",
+            _cmd_synth),
+    Command("demo", "run spcxr end to end on the embedded synthetic set",
+            "spcxr.cli:DemoCommand", _cmd_demo),
+)  # fmt: skip
+
+
+def _settings_class(spec: str) -> type:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from spcxr.data.prepare import PrepareConfig
-
-    _register(
-        "prepare",
-        "read raw datasets into a prepared store",
-        PrepareConfig,
-        _cmd_prepare,
-        {"sources": "SOURCE"},
-    )
-    from spcxr.pretrain.engine import PretrainConfig
-
-    _register(
-        "pretrain", "GMML self-supervised pretraining of a ViT", PretrainConfig, _cmd_pretrain
-    )
-    from spcxr.tasks.classify import FinetuneConfig
-    from spcxr.tasks.evaluate import EvaluateConfig
-    from spcxr.tasks.segment import SegmentConfig
-
-    _register(
-        "finetune",
-        "fine-tune a classifier (or linear-probe) from a GMML encoder or from scratch",
-        FinetuneConfig,
-        _cmd_finetune,
-    )
-    _register(
-        "segment",
-        "train a lung segmenter on a pretrained (or random) ViT",
-        SegmentConfig,
-        _cmd_segment,
-    )
-    _register(
-        "evaluate",
-        "metrics with confidence intervals, drift tables, comparisons and plots",
-        EvaluateConfig,
-        _cmd_evaluate,
-        {"runs": "RUN"},
-    )
-    from spcxr.export import ExportConfig
-    from spcxr.inference import PredictConfig
-
-    _register(
-        "predict",
-        "apply a trained run to image files: probabilities, lung masks, explanation maps (CSV)",
-        PredictConfig,
-        _cmd_predict,
-        {"inputs": "INPUT"},
-    )
-    _register(
-        "export",
-        "portable weights: safetensors, timm encoder, ONNX, preprocessing.json, model card",
-        ExportConfig,
-        _cmd_export,
-    )
-    from spcxr.serve.app import ServeConfig
-
-    _register(
-        "serve",
-        "a local web service and page for trained runs: POST /v1/predict, GET /v1/models, /",
-        ServeConfig,
-        _cmd_serve,
-    )
-    _register(
-        "study",
-        "run a real-data study (prepare, pretrain, tasks, results page)",
-        StudyCommand,
-        _cmd_study,
-        {"study": "CONFIG"},
-    )
-    _register("synth", "write the synthetic chest-radiograph set", SynthCommand, _cmd_synth)
-    _register("demo", "run spcxr end to end on the embedded synthetic set", DemoCommand, _cmd_demo)
-
     parser = argparse.ArgumentParser(
         prog="spcxr",
         description="Self-supervised chest X-ray foundation models (GMML pretraining of ViTs).",
@@ -402,12 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spcxr {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_text, cls, fn, positional) in COMMANDS.items():
+    for command in COMMANDS:
+        cls = _settings_class(command.settings)
         p = sub.add_parser(
-            name, help=help_text, description=(cls.__doc__ or help_text).split("\n")[0]
+            command.name,
+            help=command.help,
+            description=(cls.__doc__ or command.help).split("\n")[0],
         )
-        add_arguments(p, cls, positional=positional)
-        p.set_defaults(func=fn)
+        add_arguments(p, cls, positional=dict(command.positional))
+        p.set_defaults(func=command.run)
     return parser
 
 
