@@ -229,14 +229,16 @@ class Study:
         runs = []
         base = self.config.segment if task.kind == "segment" else self.config.finetune
         seeds = self.config.budget_seeds if task.budget_seeds is None else task.budget_seeds
-        for init in self.config.inits:
-            for budget in task.budgets:
-                folds = range(task.n_folds) if task.n_folds else [None]
-                slug = parse_budget(budget).slug
-                # Repeated label draws at every budget short of all labels (None: one run).
-                draws = list(seeds) if seeds and slug != "all" else [None]
-                for fold in folds:
-                    for draw in draws:
+        # Budget, fold and draw outside, initialisation inside: each GMML run is followed by its
+        # scratch pair, so an interrupted study already holds complete pairs at the small budgets.
+        for budget in task.budgets:
+            folds = range(task.n_folds) if task.n_folds else [None]
+            slug = parse_budget(budget).slug
+            # Repeated label draws at every budget short of all labels (None: one run).
+            draws = list(seeds) if seeds and slug != "all" else [None]
+            for fold in folds:
+                for draw in draws:
+                    for init in self.config.inits:
                         name = (
                             f"{init}_{slug}"
                             + (f"_fold{fold}" if fold is not None else "")
