@@ -297,10 +297,15 @@ def write_demo_report(out: Path, summary: dict[str, Any]) -> Path:
             ]
             for row in task["paired"]:
                 d = row["difference"]
+                interval = (
+                    f"[{d['low']:+.3f}, {d['high']:+.3f}]"
+                    if row["draws"] >= 2 and "low" in d
+                    else "(one draw: no interval)"
+                )
                 lines.append(
                     f"| {row['comparison']} | {row['budget']} | {row['tested_on']} | "
                     f"{row['metric']} | {row['draws']} | {d.get('value', float('nan')):+.3f} "
-                    f"[{d.get('low', float('nan')):+.3f}, {d.get('high', float('nan')):+.3f}] |"
+                    f"{interval} |"
                 )
             lines.append("")
         for png in sorted((report.parent / "plots").glob("*.png")):
