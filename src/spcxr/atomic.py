@@ -63,27 +63,41 @@ def _create_temporary(path: Path) -> Path:
 
 
 @contextlib.contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """Re-raise an ``OSError`` that names no file (a short write on a full disk, pyarrow's
+    I/O errors) as the same error naming ``path``, so the user's one line says where."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), os.fspath(path)) from err
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is fsynced and renamed to ``path``.
 
     On an exception the temporary file is removed and ``path`` is left as it was. A library that
     reports a failed write without an errno (``torch.save``: "enforce fail at
     inline_container.cc", safetensors' ``SafetensorError``) on a full disk is re-raised as
-    ``OSError(ENOSPC)`` naming ``path``, so the user reads one line that says what to do.
+    ``OSError(ENOSPC)`` naming ``path``, so the user reads one line that says what to do; any
+    other OS error that names no file is re-raised naming ``path`` (:func:`naming`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_temporary(path)
     try:
-        try:
-            yield tmp
-            _fsync(tmp)
-            os.replace(tmp, path)
-            _fsync(path.parent, directory=True)  # make the rename itself durable
-        except Exception as e:
-            if (not isinstance(e, OSError) or e.errno is None) and disk_full(path.parent):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
-            raise
+        with naming(path):
+            try:
+                yield tmp
+                _fsync(tmp)
+                os.replace(tmp, path)
+                _fsync(path.parent, directory=True)  # make the rename itself durable
+            except Exception as e:
+                if (not isinstance(e, OSError) or e.errno is None) and disk_full(path.parent):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+                raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from spcxr import __version__
-from spcxr.atomic import atomic_path
+from spcxr.atomic import atomic_path, atomic_write_text
 from spcxr.data.dedup import DedupConfig, find_duplicates
 from spcxr.data.records import Record, Skip
 from spcxr.data.splits import SplitConfig, assign_splits, check_leakage, patient_groups
@@ -40,9 +40,7 @@ from spcxr.data.store import (
     atomic_save_npy,
     atomic_write_parquet,
     fingerprint_manifest,
-    naming,
     open_npy,
-    write_text_named,
 )
 from spcxr.errors import RunFailed, UsageError
 from spcxr.io import DEFAULT_MAX_PIXELS, DicomOptions, ImageReadError, read_image, read_mask
@@ -376,7 +374,7 @@ def _write_chunk(
         [(s.path, s.source, s.reason.split(":", 1)[0], s.reason) for s in skips],
         columns=ERROR_COLUMNS,
     )
-    write_text_named(shards / f"{chunk.name}.errors.csv", errors.to_csv(index=False))
+    atomic_write_text(shards / f"{chunk.name}.errors.csv", errors.to_csv(index=False))
     rows = pd.DataFrame([g[0] for g in good])
     if len(rows):
         rows["shard"] = chunk.name
@@ -386,7 +384,7 @@ def _write_chunk(
         {**(table.schema.metadata or {}), b"spcxr_chunk_key": key.encode()}
     )
     rows_path = shards / f"{chunk.name}.parquet"
-    with naming(rows_path), atomic_path(rows_path) as tmp:  # last: marks the chunk done
+    with atomic_path(rows_path) as tmp:  # last: marks the chunk done
         pq.write_table(table, tmp)
 
 
@@ -564,7 +562,7 @@ def prepare(config: PrepareConfig) -> PrepareResult:
             [(s.path, s.source, _listing_stage(s.reason), s.reason) for s in listing_skips[name]],
             columns=ERROR_COLUMNS,
         )
-        write_text_named(shards / f"{name}.listing-errors.csv", errors.to_csv(index=False))
+        atomic_write_text(shards / f"{name}.listing-errors.csv", errors.to_csv(index=False))
         all_chunks += [(c, c.key(config.image_size, dicom, config.max_pixels)) for c in chunks]
     meta.update(
         format=STORE_FORMAT,
@@ -574,7 +572,7 @@ def prepare(config: PrepareConfig) -> PrepareResult:
         spcxr_version=__version__,
     )
     meta.pop("fingerprint", None)  # not final until the manifest is rewritten
-    write_text_named(meta_path, json.dumps(meta, indent=2, default=str))
+    atomic_write_text(meta_path, json.dumps(meta, indent=2, default=str))
 
     pending = [(c, k) for c, k in all_chunks if not _chunk_done(shards, c, k)]
     n_resumed = len(all_chunks) - len(pending)
@@ -664,7 +662,7 @@ def finalize(root: Path, config: PrepareConfig) -> dict[str, Any]:
     )
     if manifest.empty:
         atomic_errors = root / "errors.csv"
-        write_text_named(atomic_errors, errors.to_csv(index=False))
+        atomic_write_text(atomic_errors, errors.to_csv(index=False))
         raise RunFailed(
             f"{root}: no image could be prepared ({len(errors)} skipped; see {atomic_errors})"
         )
@@ -681,17 +679,17 @@ def finalize(root: Path, config: PrepareConfig) -> dict[str, Any]:
     check_leakage(manifest)
 
     atomic_write_parquet(root / "manifest.parquet", manifest)
-    write_text_named(root / "errors.csv", errors.to_csv(index=False))
+    atomic_write_text(root / "errors.csv", errors.to_csv(index=False))
     dup_table = _describe_pairs(pairs, manifest)
-    write_text_named(root / "duplicates.csv", dup_table.to_csv(index=False))
+    atomic_write_text(root / "duplicates.csv", dup_table.to_csv(index=False))
     report = build_report(manifest, errors, dup_table, dedup_notes + split_notes, meta, config)
     meta["fingerprint"] = report["fingerprint"]
     meta["prepare_config"] = json.loads(json.dumps(asdict(config), default=str))
     # The libraries that decode and resize images decide the stored pixels.
     meta["versions"] = library_versions(*DECODING_PACKAGES)
-    write_text_named(root / "store.json", json.dumps(meta, indent=2, default=str))
-    write_text_named(root / "report.json", json.dumps(report, indent=2, default=str))
-    write_text_named(root / "report.md", render_report(report))
+    atomic_write_text(root / "store.json", json.dumps(meta, indent=2, default=str))
+    atomic_write_text(root / "report.json", json.dumps(report, indent=2, default=str))
+    atomic_write_text(root / "report.md", render_report(report))
     return report
 
 

@@ -19,18 +19,16 @@ leaves a half-written file that a later run would trust.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from spcxr.atomic import atomic_path, atomic_write_text
+from spcxr.atomic import atomic_path
 from spcxr.errors import UsageError
 
 STORE_FORMAT = "spcxr-store"
@@ -47,18 +45,6 @@ class CorruptStoreError(UsageError):
         )
 
 
-@contextlib.contextmanager
-def naming(path: str | Path) -> Iterator[None]:
-    """Re-raise an ``OSError`` that names no file (a short write on a full disk, pyarrow's
-    I/O errors) as the same error naming ``path``, so the user's one line says where."""
-    try:
-        yield
-    except OSError as err:
-        if err.filename is not None:
-            raise
-        raise OSError(err.errno, err.strerror or str(err), os.fspath(path)) from err
-
-
 class _Stream:
     """A plain ``write`` wrapper: ``np.save`` then writes with ``write`` instead of
     ``ndarray.tofile``, whose short write on a full disk loses the errno ("131072 requested
@@ -73,19 +59,13 @@ class _Stream:
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     """Save an array as .npy atomically (no pickles inside)."""
-    with naming(path), atomic_path(path) as tmp, tmp.open("wb") as f:
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
         np.save(_Stream(f), np.ascontiguousarray(array), allow_pickle=False)
 
 
 def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
-    with naming(path), atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
-
-
-def write_text_named(path: Path, text: str) -> None:
-    """:func:`spcxr.atomic.atomic_write_text`, with an OS error naming ``path``."""
-    with naming(path):
-        atomic_write_text(path, text)
 
 
 def open_npy(path: Path) -> np.ndarray:

@@ -54,7 +54,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from spcxr.data.store import naming
+from spcxr.atomic import naming
 
 LABELS = ("normal", "consolidation", "bilateral_opacities")
 MANIFEST_COLUMNS = ("file", "mask_file", "label", "patient_id", "site", "view", "sex", "age")

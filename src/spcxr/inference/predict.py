@@ -55,10 +55,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from spcxr.atomic import atomic_write_text
+from spcxr.atomic import atomic_write_text, naming
 from spcxr.data.augment import AugmentConfig, eval_transform
 from spcxr.data.prepare import fit_square
-from spcxr.data.store import naming
 from spcxr.explain.heatmaps import explain, heatmap_overlay, mask_overlay, save_png, upsample_maps
 from spcxr.io import DEFAULT_MAX_PIXELS, DicomOptions, ImageReadError, read_image
 from spcxr.io.types import IMAGE_SUFFIXES, is_dicom_file
@@ -791,8 +790,7 @@ def run_predict(config: PredictConfig) -> tuple[pd.DataFrame, PredictStats]:
         if column in frame:
             frame[column] = frame[column].astype("Int64")  # integers, empty on error rows
     out = Path(config.out)
-    with naming(out):
-        atomic_write_text(out, frame.to_csv(index=False))
+    atomic_write_text(out, frame.to_csv(index=False))
     stats.seconds = time.perf_counter() - started
     log.info(
         "predicted %d images (%d errors) in %.1f s on %s (%s): %s",
