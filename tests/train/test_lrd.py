@@ -11,7 +11,7 @@ import torch
 from spcxr.models.classifier import Classifier
 from spcxr.models.segmentation import Segmenter, SegmenterConfig
 from spcxr.models.vit import create_encoder
-from spcxr.train.lrd import layer_id, param_groups_lrd
+from spcxr.train.lrd import layer_ids, param_groups_lrd
 
 DEPTH = 4
 
@@ -42,14 +42,63 @@ def _scale_of(groups: list[dict]) -> dict[int, float]:
 
 
 def test_layer_ids_follow_mae() -> None:
-    assert layer_id("encoder.cls_token", 12) == 0
-    assert layer_id("encoder.pos_embed", 12) == 0
-    assert layer_id("encoder.patch_embed.proj.weight", 12) == 0
-    assert layer_id("encoder.blocks.0.attn.qkv.weight", 12) == 1
-    assert layer_id("blocks.11.mlp.fc2.bias", 12) == 12  # a bare timm ViT
-    assert layer_id("encoder.norm.weight", 12) == 13
-    assert layer_id("head.weight", 12) == 13
-    assert layer_id("decoder.ups.0.weight", 12) == 13
+    encoder = create_encoder("vit_tiny", img_size=32, patch_size=8, depth=12, device="meta")
+    layers = layer_ids(Classifier(encoder, num_classes=3))
+    assert layers["encoder.cls_token"] == 0
+    assert layers["encoder.pos_embed"] == 0
+    assert layers["encoder.patch_embed.proj.weight"] == 0
+    assert layers["encoder.blocks.0.attn.qkv.weight"] == 1
+    assert layer_ids(encoder)["blocks.11.mlp.fc2.bias"] == 12  # a bare timm ViT
+    assert layers["encoder.norm.weight"] == 13
+    assert layers["head.weight"] == 13
+    cfg = SegmenterConfig(arch="vit_tiny", img_size=32, patch_size=8, decoder="unetr")
+    assert layer_ids(Segmenter(encoder, cfg))["decoder.ups.0.weight"] == 13
+
+
+def _mae_reference(
+    model: torch.nn.Module, weight_decay: float, layer_decay: float, depth: int
+) -> dict[str, tuple[float, float]]:
+    """(lr_scale, weight_decay) of every trainable parameter by MAE's rule, written out by hand.
+
+    MAE ``util/lr_decay.py``: ``get_layer_id_for_vit`` (embedding 0, block i -> i + 1, the rest
+    depth + 1) and ``param_groups_lrd`` (no decay for 1-D parameters and pos_embed / cls_token).
+    """
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        local = name.removeprefix("encoder.")
+        if local.split(".")[0] in ("cls_token", "pos_embed", "patch_embed", "norm_pre"):
+            layer = 0
+        elif local.startswith("blocks."):
+            layer = int(local.split(".")[1]) + 1
+        else:
+            layer = depth + 1
+        exempt = p.ndim == 1 or local in ("cls_token", "pos_embed")
+        out[name] = (layer_decay ** (depth + 1 - layer), 0.0 if exempt else weight_decay)
+    return out
+
+
+@pytest.mark.parametrize("decoder", [None, "unetr", "progressive"])
+def test_every_parameter_gets_maes_scale_and_decay(decoder: str | None) -> None:
+    torch.manual_seed(0)
+    encoder = create_encoder("vit_tiny", img_size=32, patch_size=8, depth=DEPTH)
+    if decoder is None:
+        model: torch.nn.Module = Classifier(encoder, num_classes=2)
+    else:
+        cfg = SegmenterConfig(
+            arch="vit_tiny",
+            img_size=32,
+            patch_size=8,
+            decoder=decoder,
+            freeze="partial",
+            frozen_blocks=2,
+        )
+        model = Segmenter(encoder, cfg)
+    groups = param_groups_lrd(model, weight_decay=0.05, layer_decay=0.65, num_layers=DEPTH)
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = {names[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert got == _mae_reference(model, 0.05, 0.65, DEPTH)  # exact, float for float
 
 
 def test_scales_decay_with_depth_and_head_gets_full_rate(classifier: Classifier) -> None:
@@ -68,8 +117,9 @@ def test_scales_decay_with_depth_and_head_gets_full_rate(classifier: Classifier)
         assert scale[id(named[f"encoder.blocks.{i}.attn.qkv.weight"])] == pytest.approx(expected)
     # One scale per layer, strictly increasing with depth.
     per_layer: dict[int, set[float]] = {}
+    layers = layer_ids(classifier)
     for name, p in named.items():
-        per_layer.setdefault(layer_id(name, DEPTH), set()).add(scale[id(p)])
+        per_layer.setdefault(layers[name], set()).add(scale[id(p)])
     assert sorted(per_layer) == list(range(DEPTH + 2))
     assert all(len(v) == 1 for v in per_layer.values())
     ordered = [per_layer[i].pop() for i in range(DEPTH + 2)]

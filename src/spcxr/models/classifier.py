@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from spcxr.config import to_dict
 from spcxr.models.init import load_exact, load_init, read_task_model, write_model_dir
+from spcxr.train.lrd import EncoderGroups
 
 __all__ = [
     "HEADS",
@@ -76,7 +77,7 @@ class ClassifierConfig:
             raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
 
 
-class Classifier(nn.Module):
+class Classifier(EncoderGroups, nn.Module):
     """A timm ViT encoder (no classifier of its own) with a linear head on pooled tokens.
 
     Args:

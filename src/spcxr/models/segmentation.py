@@ -37,6 +37,7 @@ from torch.nn import functional as F
 from spcxr.config import to_dict
 from spcxr.models.init import load_exact, load_init, read_task_model, write_model_dir
 from spcxr.models.vit import map_blocks
+from spcxr.train.lrd import EncoderGroups
 
 __all__ = [
     "DECODERS",
@@ -235,7 +236,7 @@ class ProgressiveDecoder(nn.Module):
         return self.out(x)
 
 
-class Segmenter(nn.Module):
+class Segmenter(EncoderGroups, nn.Module):
     """A timm ViT encoder with a UNETR or progressive decoder; one logit map per image.
 
     Args:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
+from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
 from spcxr.checks import at_least, require
@@ -225,32 +226,26 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """AdamW parameter groups with the reference rule for weight decay.
 
-    DINO / GMML ``utils.get_params_groups``: a parameter gets no weight decay when it is 1-D
-    (norm weights) or its name ends with ``.bias``. ``cls_token`` ``[1, 1, D]`` and ``pos_embed``
-    ``[1, 1 + N, D]`` are 3-D and are therefore decayed, as in the reference (timm's
-    ``no_weight_decay()`` would exempt them; pass their names in ``skip`` to do that). The decayed
-    group comes first because the reference schedules weight decay on group 0 only; each group also
-    carries a ``"name"`` ("decay" / "no_decay") so schedules can find it by name.
+    DINO / GMML ``utils.get_params_groups``, which is timm's ``param_groups_weight_decay``: a
+    parameter gets no weight decay when it is 1-D (norm weights) or its name ends with ``.bias``.
+    ``cls_token`` ``[1, 1, D]`` and ``pos_embed`` ``[1, 1 + N, D]`` are 3-D and are therefore
+    decayed, as in the reference (timm's ``no_weight_decay()`` would exempt them; pass their names
+    in ``skip`` to do that). Unlike timm's order, the decayed group comes first, because the
+    reference schedules weight decay on group 0 only and saved optimiser states follow this order;
+    each group also carries a ``"name"`` ("decay" / "no_decay") so schedules can find it by name.
 
     Args:
         model: the module to optimise; frozen parameters are left out.
         weight_decay: initial weight decay of the decayed group.
-        skip: extra parameter names to exempt from weight decay.
+        skip: extra parameter names (fnmatch patterns) to exempt from weight decay.
 
     Returns:
         ``[{"name": "decay", ...}, {"name": "no_decay", "weight_decay": 0.0, ...}]``.
     """
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    skip_set = set(skip)
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim <= 1 or name.endswith(".bias") or name in skip_set:
-            no_decay.append(param)
-        else:
-            decay.append(param)
+    # A placeholder decay of 1.0 tells timm's groups apart (at 0, timm would return one group).
+    groups = param_groups_weight_decay(model, 1.0, no_weight_decay_list=skip)
+    by_decay = {group["weight_decay"]: group["params"] for group in groups}
     return [
-        {"name": "decay", "params": decay, "weight_decay": weight_decay},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+        {"name": "decay", "params": by_decay.get(1.0, []), "weight_decay": weight_decay},
+        {"name": "no_decay", "params": by_decay.get(0.0, []), "weight_decay": 0.0},
     ]
