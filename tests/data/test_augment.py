@@ -16,7 +16,6 @@ from spcxr.data.augment import (
     AugmentConfig,
     ViewParams,
     crop_affine,
-    crop_grid,
     denormalize,
     eval_transform,
     gaussian_kernels,
@@ -184,12 +183,21 @@ def test_full_crop_equals_plain_resize() -> None:
     assert torch.allclose(denormalize(views, cfg)[3:], expected, atol=1e-5)
 
 
-def test_crop_grid_equals_affine_grid() -> None:
+def test_crop_affine_puts_output_pixel_centres_on_the_box() -> None:
+    """Output pixel j samples source x = left + (j + 0.5) w / out - 0.5 (mirrored when flipped)."""
     cfg = dataclasses.replace(PLAIN, flip_p=0.5)
     params = sample_view_params(16, 80, 120, cfg, rnd(16))
     theta = crop_affine(params.boxes, params.flip, 80, 120)
-    expected = F.affine_grid(theta.float(), [32, 1, 40, 40], align_corners=False)
-    assert torch.allclose(crop_grid(theta, 40), expected, atol=1e-6)
+    grid = F.affine_grid(theta, [32, 1, 40, 40], align_corners=False)
+    x_px = (grid[..., 0] + 1) * 120 / 2 - 0.5  # [N, 40, 40] source pixel coordinates
+    y_px = (grid[..., 1] + 1) * 80 / 2 - 0.5
+    top, left, h, w = params.boxes.double().unbind(dim=1)
+    steps = (torch.arange(40, dtype=torch.float64) + 0.5) / 40  # [40]
+    along_x = torch.where(params.flip[:, None], 1 - steps, steps)  # [N, 40]
+    expected_x = left[:, None] + along_x * w[:, None] - 0.5
+    expected_y = top[:, None] + steps * h[:, None] - 0.5
+    torch.testing.assert_close(x_px, expected_x[:, None, :].expand_as(x_px))
+    torch.testing.assert_close(y_px, expected_y[:, :, None].expand_as(y_px))
 
 
 def test_forced_flip_mirrors_exactly() -> None:
