@@ -12,7 +12,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Bottom to top. A module may import its own layer's and lower layers' packages.
 LAYERS: list[set[str]] = [
-    {"", "errors", "checks", "atomic", "versions", "paths", "config", "rng"},  # foundations
+    # foundations
+    {"", "errors", "checks", "atomic", "versions", "paths", "config", "rng", "markdown"},
     {"io"},  # readers
     {"data"},  # sources, store, splits, augmentation
     {"train"},  # schedules, checkpoints, devices, logs

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from spcxr import markdown
 from spcxr.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -279,22 +280,20 @@ def write_demo_report(out: Path, summary: dict[str, Any]) -> Path:
     for name, task in summary["tasks"].items():
         report = Path(task["report"])
         lines += [f"## {name}", "", f"Full report: [{_rel(report, out)}]({_rel(report, out)})", ""]
-        lines += ["| run | metric | value [95% CI] |", "|---|---|---|"]
+        rows = []
         for row in task["comparison"]:
             v = row["value"]
             ci = f" [{v['low']:.3f}, {v['high']:.3f}]" if "low" in v else ""
-            lines.append(
-                f"| {row['run']} | {row['metric']} | {v.get('value', float('nan')):.3f}{ci} |"
-            )
-        lines.append("")
+            rows.append([row["run"], row["metric"], f"{v.get('value', float('nan')):.3f}{ci}"])
+        lines += [*markdown.table(["run", "metric", "value [95% CI]"], rows), ""]
         if task.get("paired"):
             lines += [
                 "Paired difference over the same label draws (mean [95% t interval]; an "
                 "interval that includes 0 means the draws cannot tell the two apart):",
                 "",
-                "| comparison | budget | tested on | metric | draws | difference [95% CI] |",
-                "|---|---|---|---|---|---|",
             ]
+            header = ["comparison", "budget", "tested on", "metric", "draws", "difference [95% CI]"]
+            rows = []
             for row in task["paired"]:
                 d = row["difference"]
                 interval = (
@@ -302,12 +301,10 @@ def write_demo_report(out: Path, summary: dict[str, Any]) -> Path:
                     if row["draws"] >= 2 and "low" in d
                     else "(one draw: no interval)"
                 )
-                lines.append(
-                    f"| {row['comparison']} | {row['budget']} | {row['tested_on']} | "
-                    f"{row['metric']} | {row['draws']} | {d.get('value', float('nan')):+.3f} "
-                    f"{interval} |"
-                )
-            lines.append("")
+                value = f"{d.get('value', float('nan')):+.3f} {interval}"
+                keys = ("comparison", "budget", "tested_on", "metric", "draws")
+                rows.append([*(row[key] for key in keys), value])
+            lines += [*markdown.table(header, rows), ""]
         for png in sorted((report.parent / "plots").glob("*.png")):
             lines.append(f"![{png.stem}]({_rel(png, out)})")
         lines.append("")

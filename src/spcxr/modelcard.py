@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from spcxr import markdown
 from spcxr.atomic import atomic_write_text
 
 __all__ = [
@@ -149,9 +150,7 @@ def _ci(entry: Mapping[str, Any]) -> str:
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
-    return lines
+    return markdown.table(header, [[_fmt(v) for v in row] for row in rows])
 
 
 def _counts(title: str, counts: Mapping[str, Any] | None) -> list[str]:

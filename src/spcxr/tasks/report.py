@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from spcxr import markdown
 from spcxr.atomic import atomic_write_text
 
 CLASS_METRICS = [
@@ -114,19 +115,28 @@ def _comparison_section(rows: list[dict[str, Any]], out: Path) -> list[str]:
         "Several label draws (or folds) of one setting: their mean with the t interval across "
         "draws; one run: its patient-bootstrap interval.",
         "",
-        "| setting | initialisation | mode | label budget | training images | draws | tested on "
-        "| test images (patients) | metric | value [95% CI] |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    header = ["setting", "initialisation", "mode", "label budget", "training images", "draws"]
+    header += ["tested on", "test images (patients)", "metric", "value [95% CI]"]
+    cells = []
     for r in rows:
         folds = f" ({r['folds']} folds)" if r.get("folds") else ""
         tested = r.get("tested_on", "") + (" (external)" if r.get("external") else "")
-        lines.append(
-            f"| {r['setting']} | {r['init']} | {r['mode']} | {r['budget']} | {r['train_images']} "
-            f"| {r.get('draws', r.get('folds', 1))} | {tested} | {r.get('test_images', '')} "
-            f"({r.get('test_patients', '')}) | {r['metric']}{folds} | {ci_text(r['value'])} |"
+        cells.append(
+            [
+                r["setting"],
+                r["init"],
+                r["mode"],
+                r["budget"],
+                r["train_images"],
+                r.get("draws", r.get("folds", 1)),
+                tested,
+                f"{r.get('test_images', '')} ({r.get('test_patients', '')})",
+                f"{r['metric']}{folds}",
+                ci_text(r["value"]),
+            ]
         )
-    lines.append("")
+    lines += [*markdown.table(header, cells), ""]
     budgets = {r["train_images"] for r in rows}
     if len(budgets) > 1:
         path = label_efficiency_plot(rows, out / "plots" / "label_efficiency.png")
@@ -186,22 +196,27 @@ def draws_section(tables: list[dict[str, Any]]) -> list[str]:
         "has its patient-bootstrap 95% CI. Across draws: mean, SD and the 95% t interval of "
         "the mean. Accuracies in %.",
         "",
-        "| setting | budget | tested on | test images (patients) | metric | draws | per draw "
-        "[bootstrap CI] | mean [95% t interval] | SD | range |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    header = ["setting", "budget", "tested on", "test images (patients)", "metric", "draws"]
+    header += ["per draw [bootstrap CI]", "mean [95% t interval]", "SD", "range"]
+    rows = []
     for t in tables:
-        s = t["summary"]
-        per = "; ".join(f"{r['draw']}: {_interval(t['metric'], r)}" for r in t["runs"])
-        tested = t["tested_on"] + (" (external)" if t.get("external") else "")
-        sd_text = _pct(t["metric"], s.get("std"))
-        lines.append(
-            f"| {t['setting']} | {t['budget']} | {tested} | {t['test_images']} "
-            f"({t['test_patients']}) | {t['metric']} | {s['n']} | {per} | "
-            f"{_interval(t['metric'], s)} | {sd_text} | {_pct(t['metric'], s.get('min'))} - "
-            f"{_pct(t['metric'], s.get('max'))} |"
+        s, metric = t["summary"], t["metric"]
+        rows.append(
+            [
+                t["setting"],
+                t["budget"],
+                t["tested_on"] + (" (external)" if t.get("external") else ""),
+                f"{t['test_images']} ({t['test_patients']})",
+                metric,
+                s["n"],
+                "; ".join(f"{r['draw']}: {_interval(metric, r)}" for r in t["runs"]),
+                _interval(metric, s),
+                _pct(metric, s.get("std")),
+                f"{_pct(metric, s.get('min'))} - {_pct(metric, s.get('max'))}",
+            ]
         )
-    lines.append("")
+    lines += [*markdown.table(header, rows), ""]
     return lines
 
 
@@ -215,10 +230,10 @@ def paired_section(rows: list[dict[str, Any]]) -> list[str]:
         "`unpaired`: no matching draws, difference of means with Welch's interval; one draw "
         "gives no interval.",
         "",
-        "| comparison | budget | tested on | metric | pairing | draws | per-draw differences "
-        "| mean difference [95% CI] |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    header = ["comparison", "budget", "tested on", "metric", "pairing", "draws"]
+    header += ["per-draw differences", "mean difference [95% CI]"]
+    cells = []
     for r in rows:
         d = r["difference"]
         tested = r["tested_on"] + (" (external)" if r.get("external") else "")
@@ -230,11 +245,9 @@ def paired_section(rows: list[dict[str, Any]]) -> list[str]:
             per = ""
             n = f"{d['n_a']} vs {d['n_b']}"
             pairing = "unpaired"
-        lines.append(
-            f"| {r['comparison']} | {r['budget']} | {tested} | {r['metric']} | {pairing} | {n} "
-            f"| {per} | {_interval(r['metric'], d, signed=True)} |"
-        )
-    lines.append("")
+        interval = _interval(r["metric"], d, signed=True)
+        cells.append([r["comparison"], r["budget"], tested, r["metric"], pairing, n, per, interval])
+    lines += [*markdown.table(header, cells), ""]
     return lines
 
 
@@ -248,11 +261,10 @@ def _drift_section(drift: dict[str, Any], out: Path) -> list[str]:
         "",
         f"Metric: {metric}, 95% CI by patient bootstrap.",
         "",
-        "| run (trained on) | " + " | ".join(sources) + " |",
-        "|---|" + "---|" * len(sources),
     ]
     values = pd.DataFrame(index=list(drift), columns=sources, dtype=float)
     labels = pd.DataFrame(index=list(drift), columns=sources, dtype=object)
+    rows = []
     for name, r in drift.items():
         cells = []
         for s in sources:
@@ -260,7 +272,8 @@ def _drift_section(drift: dict[str, Any], out: Path) -> list[str]:
             cells.append(ci_text(c))
             values.loc[name, s] = c["value"] if c else np.nan
             labels.loc[name, s] = ci_text(c, 2) if c else ""
-        lines.append(f"| {name} ({', '.join(r['train_sources'])}) | " + " | ".join(cells) + " |")
+        rows.append([f"{name} ({', '.join(r['train_sources'])})", *cells])
+    lines += markdown.table(["run (trained on)", *sources], rows)
     path = drift_heatmap(
         values, out / "plots" / "drift.png", title=f"{metric} by test source", annotations=labels
     )
@@ -299,10 +312,8 @@ def _run_section(name: str, entry: dict[str, Any]) -> list[str]:
             + (f" ({counts})" if counts else "")
             + ex,
             "",
-            "| metric | value [95% CI] |",
-            "|---|---|",
         ]
-        table = (
+        rows = (
             [
                 (label, ci_text(ev["metrics"].get(key)))
                 for key, label in SEG_METRICS
@@ -311,8 +322,7 @@ def _run_section(name: str, entry: dict[str, Any]) -> list[str]:
             if entry["kind"] == "segmentation"
             else _metric_rows(ev["metrics"], entry.get("classes", []))
         )
-        lines += [f"| {a} | {b} |" for a, b in table]
-        lines.append("")
+        lines += [*markdown.table(["metric", "value [95% CI]"], rows), ""]
     for kind, rel in (entry.get("plots") or {}).items():
         lines.append(f"![{kind}]({rel})")
     lines.append("")
