@@ -10,8 +10,8 @@ result on one process or under ``torchrun`` with DistributedDataParallel.
 Optimisation follows the reference: AdamW without weight decay on biases and 1-D parameters,
 ``lr = base_lr * global_batch / 256`` with a per-iteration linear warm-up and cosine decay,
 weight decay on a cosine from 0.04 to 0.4, gradient clipping at 3.0. ``precision: auto`` runs bf16
-autocast on CUDA and on CPUs with native bf16 matmuls (AMX / AVX512-BF16: several times the float32
-rate), float32 elsewhere; the loss is computed in float32 either way.
+autocast on CUDA and on CPUs with native bf16 matmuls (AMX / AVX512-BF16), float32 elsewhere;
+the loss is computed in float32 either way.
 
 Long runs go in pieces: ``time_budget`` (or ``step_budget``) ends an invocation with a checkpoint
 and exit status 0, and the same command with ``--resume`` continues it, bitwise as if it had never
@@ -313,6 +313,41 @@ class PretrainResult:
     total_steps: int = 0
     budget_stop: str | None = None
     """Why this invocation stopped before the end (``time_budget`` / ``step_budget``), else None."""
+
+
+@dataclass
+class _Invocation:
+    """What one call of :meth:`Pretrainer.run` carries from step to step.
+
+    Attributes:
+        logger: the run's metric log.
+        bar: the progress bar.
+        wait: time spent waiting for data.
+        window_loss: summed loss since the last log line (on the device: no sync per step).
+        bad_step: the first step with a non-finite loss, -1 if none (on the device).
+        last_good: the step of the checkpoint known to be finite, or None.
+        started: ``time.monotonic()`` at the start, for the time budget.
+        first_step: the step this invocation started at, for the step budget.
+        window_steps: steps since the last log line.
+        window_start: ``time.perf_counter()`` at the start of the window.
+        views_per_s: throughput of the last logged window.
+        losses: ``(step, mean loss)`` of each log line.
+        budget_stop: ``"time_budget"`` / ``"step_budget"`` once spent.
+    """
+
+    logger: RunLogger
+    bar: Any
+    wait: DataWaitMeter
+    window_loss: Tensor
+    bad_step: Tensor
+    last_good: int | None
+    started: float
+    first_step: int
+    window_steps: int = 0
+    window_start: float = field(default_factory=time.perf_counter)
+    views_per_s: float = 0.0
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    budget_stop: str | None = None
 
 
 def versions() -> dict[str, str]:
@@ -719,16 +754,46 @@ class Pretrainer:
                 group = []
 
     def run(self) -> PretrainResult:
+        """Trains from ``self.step`` to the end of the run, or until this invocation's budget."""
         config = self.config
         self._write_run_info()
+        run = self._start_invocation()
+        step_batches = self.batches()
+        self.model.train()
+        try:
+            while self.step < self.total_steps:
+                run.wait.waiting()
+                batches = next(step_batches, None)
+                if batches is None:
+                    break
+                run.wait.fetched()
+                lr, wd, grad_norm = self._step(run, batches)
+                done = self.step == self.total_steps
+                if self.step % config.log_every == 0 or done:
+                    self._log(run, lr, wd, grad_norm)
+                self._previews_and_monitor(run, done)
+                if not done:
+                    run.budget_stop = self._budget_spent(run.started, run.first_step)
+                if self.step % config.checkpoint_every == 0 or done or run.budget_stop:
+                    self._checkpoint(run)
+                if done or run.budget_stop:
+                    break
+        finally:
+            step_batches.close()  # stops the loader workers
+            run.bar.close()
+            run.logger.close()
+        return self._finish(run)
+
+    def _start_invocation(self) -> _Invocation:
+        """The log, progress bar, data-wait meter and loss window of this invocation."""
+        config = self.config
         logger = RunLogger(
             self.run_dir,
             enabled=self.dist.is_main,
             tensorboard=config.tensorboard,
             start_step=self.step,
         )
-        step_batches = self.batches()
-        wait_meter = DataWaitMeter(self.device)
+        wait = DataWaitMeter(self.device)
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -736,77 +801,79 @@ class Pretrainer:
             unit="step",
             disable=not (config.progress and self.dist.is_main),
         )
-        views_per_step = config.batch_size * config.augment.n_views
-        losses: list[tuple[int, float]] = []
-        window_loss = torch.zeros((), device=self.device)
-        window_steps, window_start = 0, time.perf_counter()
-        bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
-        last_good = self.step if self.checkpoint_path.exists() else None
-        vps = 0.0
-        preview_every = config.preview_every or self.steps_per_epoch
-        started, first_step = time.monotonic(), self.step
-        budget_stop: str | None = None
-        self.model.train()
-        try:
-            while self.step < self.total_steps:
-                wait_meter.waiting()
-                batches = next(step_batches, None)
-                if batches is None:
-                    break
-                wait_meter.fetched()
-                lr, wd = self.apply_schedules(self.step)
-                loss, grad_norm = self.train_step(batches)
-                # Remember the first non-finite step without a host sync.
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), self.step, bad_step)
-                window_loss += torch.nan_to_num(loss, nan=0.0, posinf=0.0)
-                window_steps += 1
-                self.step += 1
-                bar.update(1)
-                done = self.step == self.total_steps
-                if self.step % config.log_every == 0 or done:
-                    self._check_finite(bad_step, last_good)
-                    elapsed = time.perf_counter() - window_start
-                    vps = window_steps * views_per_step / max(elapsed, 1e-9)
-                    mean_loss = float(window_loss) / window_steps
-                    losses.append((self.step, mean_loss))
-                    record = {
-                        "loss": mean_loss,
-                        "lr": lr,
-                        "wd": wd,
-                        "views_per_s": vps,
-                        "grad_norm": float(grad_norm),
-                        "epoch": self.step / self.steps_per_epoch,
-                    }
-                    data_wait = wait_meter.fraction()  # after the syncs above: no extra wait
-                    if data_wait is not None:
-                        record["data_wait_frac"] = data_wait
-                    logger.log(self.step, record)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", views_s=f"{vps:.0f}")
-                    window_loss.zero_()
-                    window_steps, window_start = 0, time.perf_counter()
-                if self.step % preview_every == 0 or done:
-                    self.preview()
-                if config.monitor_every and (self.step % config.monitor_every == 0 or done):
-                    self.run_monitor(logger)
-                if not done:
-                    budget_stop = self._budget_spent(started, first_step)
-                if self.step % config.checkpoint_every == 0 or done or budget_stop:
-                    self._check_finite(bad_step, last_good)
-                    self.save()
-                    last_good = self.step
-                if done or budget_stop:
-                    break
-        finally:
-            step_batches.close()  # stops the loader workers
-            bar.close()
-            logger.close()
-        # A piece of a longer run exports nothing: an encoder/ folder marks a finished run.
-        encoder_path = self.export() if self.dist.is_main and not budget_stop else None
+        return _Invocation(
+            logger=logger,
+            bar=bar,
+            wait=wait,
+            window_loss=torch.zeros((), device=self.device),
+            bad_step=torch.full((), -1, dtype=torch.int64, device=self.device),
+            last_good=self.step if self.checkpoint_path.exists() else None,
+            started=time.monotonic(),
+            first_step=self.step,
+        )
+
+    def _step(
+        self, run: _Invocation, batches: Sequence[Tensor | PreparedBatch]
+    ) -> tuple[float, float, Tensor]:
+        """Schedules, one optimisation step, and the loss window; returns (lr, wd, grad norm)."""
+        lr, wd = self.apply_schedules(self.step)
+        loss, grad_norm = self.train_step(batches)
+        # Remember the first non-finite step without a host sync.
+        run.bad_step = torch.where(
+            (run.bad_step < 0) & ~torch.isfinite(loss), self.step, run.bad_step
+        )
+        run.window_loss += torch.nan_to_num(loss, nan=0.0, posinf=0.0)
+        run.window_steps += 1
+        self.step += 1
+        run.bar.update(1)
+        return lr, wd, grad_norm
+
+    def _log(self, run: _Invocation, lr: float, wd: float, grad_norm: Tensor) -> None:
+        """Stops on a non-finite loss, else logs the window's mean loss and throughput."""
+        self._check_finite(run.bad_step, run.last_good)
+        views_per_step = self.config.batch_size * self.config.augment.n_views
+        elapsed = time.perf_counter() - run.window_start
+        run.views_per_s = run.window_steps * views_per_step / max(elapsed, 1e-9)
+        mean_loss = float(run.window_loss) / run.window_steps
+        run.losses.append((self.step, mean_loss))
+        record = {
+            "loss": mean_loss,
+            "lr": lr,
+            "wd": wd,
+            "views_per_s": run.views_per_s,
+            "grad_norm": float(grad_norm),
+            "epoch": self.step / self.steps_per_epoch,
+        }
+        data_wait = run.wait.fraction()  # after the syncs above: no extra wait
+        if data_wait is not None:
+            record["data_wait_frac"] = data_wait
+        run.logger.log(self.step, record)
+        run.bar.set_postfix(loss=f"{mean_loss:.4f}", views_s=f"{run.views_per_s:.0f}")
+        run.window_loss.zero_()
+        run.window_steps, run.window_start = 0, time.perf_counter()
+
+    def _previews_and_monitor(self, run: _Invocation, done: bool) -> None:
+        """The reconstruction preview (each epoch by default) and the feature monitor, if due."""
+        config = self.config
+        if self.step % (config.preview_every or self.steps_per_epoch) == 0 or done:
+            self.preview()
+        if config.monitor_every and (self.step % config.monitor_every == 0 or done):
+            self.run_monitor(run.logger)
+
+    def _checkpoint(self, run: _Invocation) -> None:
+        """Saves the checkpoint, never over a good one with a non-finite loss behind it."""
+        self._check_finite(run.bad_step, run.last_good)
+        self.save()
+        run.last_good = self.step
+
+    def _finish(self, run: _Invocation) -> PretrainResult:
+        """Exports the encoder of a finished run (not of a piece of one); the result."""
+        encoder_path = self.export() if self.dist.is_main and not run.budget_stop else None
         distributed.barrier()
-        if budget_stop:
+        if run.budget_stop:
             log.info(
                 "%s spent at step %d of %d; checkpoint %s",
-                budget_stop,
+                run.budget_stop,
                 self.step,
                 self.total_steps,
                 self.checkpoint_path,
@@ -814,12 +881,12 @@ class Pretrainer:
         return PretrainResult(
             run_dir=self.run_dir,
             steps=self.step,
-            final_loss=losses[-1][1] if losses else float("nan"),
-            losses=losses,
-            views_per_second=vps,
+            final_loss=run.losses[-1][1] if run.losses else float("nan"),
+            losses=run.losses,
+            views_per_second=run.views_per_s,
             encoder_path=encoder_path,
             total_steps=self.total_steps,
-            budget_stop=budget_stop,
+            budget_stop=run.budget_stop,
         )
 
     def _budget_spent(self, started: float, first_step: int) -> str | None:
