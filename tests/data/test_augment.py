@@ -16,6 +16,7 @@ from spcxr.data.augment import (
     AugmentConfig,
     ViewParams,
     crop_affine,
+    crop_grid,
     denormalize,
     eval_transform,
     gaussian_kernels,
@@ -181,6 +182,14 @@ def test_full_crop_equals_plain_resize() -> None:
     expected = F.interpolate(unit(images), size=224, mode="bilinear", align_corners=False)
     assert torch.allclose(denormalize(views, cfg)[:3], expected, atol=1e-5)
     assert torch.allclose(denormalize(views, cfg)[3:], expected, atol=1e-5)
+
+
+def test_crop_grid_equals_affine_grid() -> None:
+    cfg = dataclasses.replace(PLAIN, flip_p=0.5)
+    params = sample_view_params(16, 80, 120, cfg, rnd(16))
+    theta = crop_affine(params.boxes, params.flip, 80, 120)
+    expected = F.affine_grid(theta.float(), [32, 1, 40, 40], align_corners=False)
+    assert torch.allclose(crop_grid(theta, 40), expected, atol=1e-6)
 
 
 def test_crop_affine_puts_output_pixel_centres_on_the_box() -> None:

@@ -268,9 +268,9 @@ def _fallback_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[
 def render_views(images_u8: Tensor, params: ViewParams, cfg: AugmentConfig) -> Tensor:
     """Applies drawn parameters: crop + resize + flip, jitter, blur, normalise.
 
-    Crop, resize and flip are one bilinear ``grid_sample`` over ``F.affine_grid`` of
-    :func:`crop_affine` (both ``align_corners=False``); border padding makes a full-image crop
-    equal ``F.interpolate``. A crop box's edge pixels are interpolated with their neighbours outside
+    Crop, resize and flip are one bilinear ``grid_sample`` (``align_corners=False``) over the
+    sampling grid of :func:`crop_grid`; border padding makes a full-image crop equal
+    ``F.interpolate``. A crop box's edge pixels are interpolated with their neighbours outside
     the box (torchvision crops first, then resizes, clamping at the box edge): a sub-pixel
     difference at the view border only.
 
@@ -306,9 +306,7 @@ def render_views(images_u8: Tensor, params: ViewParams, cfg: AugmentConfig) -> T
     height, width = images_u8.shape[-2:]
     out = cfg.out_size
     theta = crop_affine(params.boxes, params.flip, height, width)  # [N, 2, 3]
-    # In theta's float64, rounded to float32 once for sampling.
-    size = [theta.shape[0], 1, out, out]
-    grid = F.affine_grid(theta, size, align_corners=False).float()  # [N, out, out, 2]
+    grid = crop_grid(theta, out)  # [N, out, out, 2]
     n_levels = _pyramid_levels(height, width, out) if cfg.antialias else 1
     if n_levels == 1:
         views = _sample(images_u8, params.image_ids, grid)
@@ -373,6 +371,31 @@ def crop_affine(boxes: Tensor, flip: Tensor, height: int, width: int) -> Tensor:
     cx = (2 * left + w) / width - 1
     cy = (2 * top + h) / height - 1
     return torch.stack([sx, zero, cx, zero, h / height, cy], dim=1).view(-1, 2, 3)
+
+
+def crop_grid(theta: Tensor, out: int) -> Tensor:
+    """``F.affine_grid(theta, [N, 1, out, out], align_corners=False)`` for axis-aligned ``theta``.
+
+    Crop and flip matrices have no rotation or shear, so x depends only on the output column
+    and y only on the row: the grid is two ``[N, out]`` vectors broadcast into place, where
+    ``affine_grid`` runs a matrix product per output pixel (several times slower on a CPU).
+
+    Args:
+        theta: ``[N, 2, 3]`` matrices with zero off-diagonal terms (from :func:`crop_affine`).
+        out: output side.
+
+    Returns:
+        float32 ``[N, out, out, 2]`` grid of ``(x, y)`` in normalised source coordinates.
+    """
+    theta = theta.double()
+    # Output pixel centres in [-1, 1]: affine_grid's base grid with align_corners=False.
+    base = (2 * torch.arange(out, device=theta.device, dtype=torch.float64) + 1) / out - 1
+    gx = (theta[:, 0, 0, None] * base + theta[:, 0, 2, None]).float()  # [N, out]
+    gy = (theta[:, 1, 1, None] * base + theta[:, 1, 2, None]).float()  # [N, out]
+    grid = gx.new_empty(theta.shape[0], out, out, 2)
+    grid[..., 0] = gx[:, None, :]
+    grid[..., 1] = gy[:, :, None]
+    return grid
 
 
 def _jitter(views: Tensor, params: ViewParams) -> Tensor:
