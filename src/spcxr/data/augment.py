@@ -378,7 +378,8 @@ def crop_grid(theta: Tensor, out: int) -> Tensor:
 
     Crop and flip matrices have no rotation or shear, so x depends only on the output column
     and y only on the row: the grid is two ``[N, out]`` vectors broadcast into place, where
-    ``affine_grid`` runs a matrix product per output pixel (several times slower on a CPU).
+    ``affine_grid`` runs a matrix product per output pixel (it doubles the CPU cost of a batch of
+    views; docs/internals.md).
 
     Args:
         theta: ``[N, 2, 3]`` matrices with zero off-diagonal terms (from :func:`crop_affine`).
