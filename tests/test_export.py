@@ -221,7 +221,7 @@ def test_predict_and_export_never_fall_back_to_a_pickle(class_run, tmp_path) -> 
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_model(disguised)
     # and a pretraining run whose checkpoint is a pickle is refused as an initialisation
-    from spcxr.models.init import load_init
+    from spcxr.models.init_from import load_init
 
     with pytest.raises(ValueError, match="refused: the checkpoint holds a pickled Python object"):
         load_init(str(run), arch="vit_tiny", img_size=32, patch_size=8)

@@ -361,7 +361,7 @@ def test_synth_on_a_full_disk_or_read_only_folder_is_one_line(tmp_path, capsys, 
     assert_one_line(lines, "No space left on device", str(out / "masks"), "run the same command")
     assert not orphans(out) and not (out / "manifest.csv").exists()
 
-    import spcxr.data.synthetic as synthetic
+    import spcxr.data.synthetic.dataset as synthetic
 
     class FullWriter:
         def __init__(self, handle, **kwargs):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spcxr.models.init import load_init
+from spcxr.models.init_from import load_init
 from spcxr.models.segmentation import (
     Segmenter,
     SegmenterConfig,

@@ -6,7 +6,7 @@ main process writes each finished chunk as one shard (images, masks, rows, error
 the rows file last. A second run skips every chunk whose rows file exists with the same content
 key, so an interrupted run resumes where it stopped, and naming a new source adds it to the
 store. Finally the whole store is deduplicated, grouped by patient, split, checked for leakage
-and summarised in a report.
+and summarised in a report (:mod:`spcxr.data.prepare_report`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from spcxr import __version__
 from spcxr.atomic import atomic_path, atomic_write_text
 from spcxr.data.dedup import DedupConfig, find_duplicates
+from spcxr.data.prepare_report import build_report, render_report
 from spcxr.data.records import Record, Skip
 from spcxr.data.splits import SplitConfig, assign_splits, check_leakage, patient_groups
 from spcxr.data.store import (
@@ -39,7 +40,6 @@ from spcxr.data.store import (
     PreparedStore,
     atomic_save_npy,
     atomic_write_parquet,
-    fingerprint_manifest,
     open_npy,
 )
 from spcxr.errors import RunFailed, UsageError
@@ -682,7 +682,9 @@ def finalize(root: Path, config: PrepareConfig) -> dict[str, Any]:
     atomic_write_text(root / "errors.csv", errors.to_csv(index=False))
     dup_table = _describe_pairs(pairs, manifest)
     atomic_write_text(root / "duplicates.csv", dup_table.to_csv(index=False))
-    report = build_report(manifest, errors, dup_table, dedup_notes + split_notes, meta, config)
+    report = build_report(
+        manifest, errors, dup_table, dedup_notes + split_notes, meta, Path(config.out), config.split
+    )
     meta["fingerprint"] = report["fingerprint"]
     meta["prepare_config"] = json.loads(json.dumps(asdict(config), default=str))
     # The libraries that decode and resize images decide the stored pixels.
@@ -702,129 +704,3 @@ def _describe_pairs(pairs: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame
         out["source_b"] + ":" + out["patient_id_b"]
     )
     return out
-
-
-def build_report(
-    manifest: pd.DataFrame,
-    errors: pd.DataFrame,
-    duplicates: pd.DataFrame,
-    notes: list[str],
-    meta: dict[str, Any],
-    config: PrepareConfig,
-) -> dict[str, Any]:
-    """Counts that must sit next to every result: sources, classes, splits, duplicates, errors."""
-
-    def counts(frame: pd.DataFrame, column: str) -> dict[str, int]:
-        return {
-            str(k): int(v)
-            for k, v in frame[column].fillna("<none>").value_counts().sort_index().items()
-        }
-
-    per_split = {
-        s: {
-            "images": int((manifest.split == s).sum()),
-            "patients": int(manifest.loc[manifest.split == s, "group"].nunique()),
-            "labels": counts(manifest[manifest.split == s], "label"),
-        }
-        for s in ("train", "val", "test")
-    }
-    return {
-        "store": str(Path(config.out)),
-        "image_size": int(meta["image_size"]),
-        "images": len(manifest),
-        "patients": int((manifest.source + ":" + manifest.patient_id).nunique()),
-        "patient_groups": int(manifest.group.nunique()),
-        "with_mask": int(manifest.has_mask.sum()),
-        "sources": {
-            name: {
-                "spec": info["spec"],
-                "images": int((manifest.source == name).sum()),
-                "patients": int(manifest.loc[manifest.source == name, "patient_id"].nunique()),
-                "labels": counts(manifest[manifest.source == name], "label"),
-            }
-            for name, info in meta["sources"].items()
-        },
-        "splits": per_split,
-        "split_mode": config.split.mode,
-        "folds": counts(manifest, "fold") if config.split.n_folds > 1 else {},
-        "duplicates": {
-            "pairs": len(duplicates),
-            "exact_pairs": int((duplicates.kind == "exact").sum()) if len(duplicates) else 0,
-            "near_pairs": int((duplicates.kind == "near").sum()) if len(duplicates) else 0,
-            "cross_patient_pairs": int((~duplicates.same_patient).sum()) if len(duplicates) else 0,
-            "cross_source_pairs": int((duplicates.source_a != duplicates.source_b).sum())
-            if len(duplicates)
-            else 0,
-            "groups": int(duplicates.group.nunique()) if len(duplicates) else 0,
-        },
-        "errors": {
-            "total": len(errors),
-            "by_stage": counts(errors, "stage") if len(errors) else {},
-        },
-        "notes": notes,
-        "fingerprint": fingerprint_manifest(manifest, int(meta["image_size"])),
-    }
-
-
-def render_report(report: dict[str, Any]) -> str:
-    """The report as Markdown."""
-    lines = [
-        f"# Prepared store `{report['store']}`",
-        "",
-        f"{report['images']} images of {report['patients']} patients "
-        f"({report['patient_groups']} patient groups after merging duplicates), "
-        f"{report['with_mask']} with lung masks; stored at {report['image_size']} px. "
-        f"Fingerprint `{report['fingerprint']}`.",
-        "",
-        "## Sources",
-        "",
-        "| source | spec | images | patients | labels |",
-        "|---|---|---|---|---|",
-    ]
-
-    def labels(counts: dict[str, int]) -> str:
-        return ", ".join(f"{k} {v}" for k, v in counts.items())
-
-    for name, s in report["sources"].items():
-        lines.append(
-            f"| {name} | `{s['spec']}` | {s['images']} | {s['patients']} | {labels(s['labels'])} |"
-        )
-    lines += [
-        "",
-        f"## Splits ({report['split_mode']}, by patient group)",
-        "",
-        "| split | images | patient groups | labels |",
-        "|---|---|---|---|",
-    ]
-    for name, s in report["splits"].items():
-        lines.append(f"| {name} | {s['images']} | {s['patients']} | {labels(s['labels'])} |")
-    d = report["duplicates"]
-    lines += [
-        "",
-        "## Duplicates",
-        "",
-        f"{d['pairs']} pairs ({d['exact_pairs']} exact, {d['near_pairs']} near) in {d['groups']} "
-        f"groups; {d['cross_patient_pairs']} pairs join different patient ids and "
-        f"{d['cross_source_pairs']} join different sources. Every duplicate group is one patient "
-        "group, so it never spans splits. See `duplicates.csv`.",
-        "",
-        "## Skipped inputs",
-        "",
-        f"{report['errors']['total']} skipped"
-        + (
-            ": " + ", ".join(f"{k} {v}" for k, v in report["errors"]["by_stage"].items())
-            if report["errors"]["total"]
-            else ""
-        )
-        + ". See `errors.csv`.",
-    ]
-    n_masks = report["errors"]["by_stage"].get("mask", 0)
-    if n_masks:
-        lines += [
-            "",
-            f"{n_masks} mask files named by a listing were not found (stage `mask`); their "
-            "images are kept without them.",
-        ]
-    if report["notes"]:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
-    return "\n".join(lines) + "\n"

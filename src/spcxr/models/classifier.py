@@ -23,7 +23,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from spcxr.config import to_dict
-from spcxr.models.init import load_exact, load_init, read_task_model, write_model_dir
+from spcxr.models.folder import load_exact, read_task_model, write_model_dir
+from spcxr.models.init_from import load_init
 from spcxr.train.lrd import EncoderGroups
 
 __all__ = [
@@ -176,7 +177,7 @@ class Classifier(EncoderGroups, nn.Module):
 def build_classifier(
     cfg: ClassifierConfig, num_classes: int, init: str = "scratch"
 ) -> tuple[Classifier, dict[str, Any]]:
-    """A classifier whose encoder comes from ``init`` (see :func:`spcxr.models.init.load_init`).
+    """A classifier whose encoder comes from ``init`` (see :func:`spcxr.models.init_from.load_init`).
 
     Returns:
         ``(classifier, init info)``.

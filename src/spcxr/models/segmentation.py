@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from spcxr.config import to_dict
-from spcxr.models.init import load_exact, load_init, read_task_model, write_model_dir
+from spcxr.models.folder import load_exact, read_task_model, write_model_dir
+from spcxr.models.init_from import load_init
 from spcxr.models.vit import map_blocks
 from spcxr.train.lrd import EncoderGroups
 
@@ -347,7 +348,7 @@ def _check_encoder(encoder: VisionTransformer, cfg: SegmenterConfig) -> None:
 def build_segmenter(
     cfg: SegmenterConfig, init: str = "scratch"
 ) -> tuple[Segmenter, dict[str, Any]]:
-    """A segmenter whose encoder comes from ``init`` (see :func:`spcxr.models.init.load_init`).
+    """A segmenter whose encoder comes from ``init`` (see :func:`spcxr.models.init_from.load_init`).
 
     Returns:
         ``(segmenter, init info)``.

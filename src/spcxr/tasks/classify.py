@@ -15,8 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spcxr.atomic import atomic_write_text
 from spcxr.checks import at_least, require
-from spcxr.config import save_yaml, to_dict
+from spcxr.config import to_dict
 from spcxr.data.augment import AugmentConfig, eval_transform
 from spcxr.data.budget import kfold_groups, parse_budget, select_budget
 from spcxr.data.finetune_augment import FinetuneAugmentConfig, augment_batch
@@ -43,16 +41,13 @@ from spcxr.models.classifier import (
 from spcxr.rng import derive_seed
 from spcxr.tasks.loop import (
     StepBatches,
+    SupervisedTask,
     TrainConfig,
-    claim_run_dir,
     class_weights,
-    finish_run,
-    fit,
     preprocessing_record,
-    write_train_rows,
+    run_task,
 )
-from spcxr.train.distributed import autocast, resolve_device, resolve_precision
-from spcxr.versions import library_versions
+from spcxr.train.distributed import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -272,143 +267,123 @@ def describe_rows(store: PreparedStore, rows: np.ndarray, y: np.ndarray, classes
     return info
 
 
-def finetune(config: FinetuneConfig) -> dict[str, Any]:
-    """Train a classifier (see :class:`FinetuneConfig`); returns the run summary."""
-    if not config.store:
-        raise ValueError("finetune: --store is required (a folder written by `spcxr prepare`)")
-    run_dir = Path(config.out)
-    device = resolve_device(config.train.device, "--train-device")
-    precision = resolve_precision(config.train.precision, device, flag="--train-precision")
-    store = PreparedStore(config.store)
-    rows = select_rows(store, config)
-    multilabel = config.labels.multilabel
-    k = len(rows.classes)
-    if not config.n_folds and len(rows.val) == 0:
-        raise ValueError(
-            f"no validation rows in split {config.val_split!r}: model selection needs them"
+class ClassifyTask(SupervisedTask):
+    """Fine-tuning a classifier (or a linear probe) on the rows of :func:`select_rows`."""
+
+    kind = "classification"
+
+    def __init__(self, config: FinetuneConfig) -> None:
+        super().__init__(config, "finetune")
+        self.rows = rows = select_rows(self.store, config)
+        self.multilabel = config.labels.multilabel
+        if not config.n_folds and len(rows.val) == 0:
+            raise ValueError(
+                f"no validation rows in split {config.val_split!r}: model selection needs them"
+            )
+        self.train_rows = rows.train
+        self.y_train = torch.as_tensor(rows.y_train)
+        self.pos_of = {int(r): i for i, r in enumerate(rows.train)}
+        weights = None
+        self.loss_weight = None
+        if not self.multilabel:
+            cw = class_weights(rows.y_train, len(rows.classes))
+            if config.balance == "sampler":
+                weights = cw[rows.y_train]
+            elif config.balance == "weighted_loss":
+                self.loss_weight = torch.as_tensor(cw, dtype=torch.float32, device=self.device)
+        self.plan = StepBatches(rows.train, config.train.batch_size, config.train.seed, weights)
+        select = config.select
+        if select == "auto":
+            select = "macro_auroc"
+            if not self.multilabel and len(rows.val) and len(np.unique(rows.y_val)) < 2:
+                # AUROC is undefined on a one-class validation set (tiny sets): select on the loss.
+                log.warning("validation rows hold one class only: selecting on the validation loss")
+                select = "loss"
+        self.higher_is_better = select != "loss"
+        if config.n_folds:
+            log.info("k-fold: no validation split; the last step is kept (no early stopping)")
+            select = "last"
+        self.select = select
+
+    def build_model(self) -> tuple[nn.Module, dict[str, Any]]:
+        model, init_info = build_classifier(
+            self.config.model, len(self.rows.classes), self.config.init
         )
-    claim_run_dir(run_dir, config.train.resume)
+        if self.config.mode == "linear":
+            model.freeze_encoder()
+        return model.to(self.device), init_info
 
-    torch.manual_seed(derive_seed(config.train.seed, "init"))
-    model, init_info = build_classifier(config.model, k, config.init)
-    if config.mode == "linear":
-        model.freeze_encoder()
-    model.to(device)
-    img, chans = config.model.img_size, config.model.in_chans
-
-    y_train_t = torch.as_tensor(rows.y_train)
-    pos_of = {int(r): i for i, r in enumerate(rows.train)}
-    weights = None
-    loss_weight = None
-    if not multilabel:
-        cw = class_weights(rows.y_train, k)
-        if config.balance == "sampler":
-            weights = cw[rows.y_train]
-        elif config.balance == "weighted_loss":
-            loss_weight = torch.as_tensor(cw, dtype=torch.float32, device=device)
-    plan = StepBatches(rows.train, config.train.batch_size, config.train.seed, weights)
-
-    def loss_fn(batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
-        x = eval_transform(batch["images"], img, NORM)
+    def loss(self, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        config = self.config
+        x = eval_transform(batch["images"], config.model.img_size, NORM)
         gen = torch.Generator().manual_seed(derive_seed(config.train.seed, "augment", step))
         x, _ = augment_batch(x, config.augment, gen)
-        if chans != 1:
-            x = x.expand(-1, chans, -1, -1)
-        logits = model(x).float()
-        idx = torch.as_tensor([pos_of[int(r)] for r in batch["rows"].tolist()])
-        y = y_train_t[idx].to(device)
-        if multilabel:
+        if config.model.in_chans != 1:
+            x = x.expand(-1, config.model.in_chans, -1, -1)
+        logits = self.model(x).float()
+        idx = torch.as_tensor([self.pos_of[int(r)] for r in batch["rows"].tolist()])
+        y = self.y_train[idx].to(self.device)
+        smoothing = config.label_smoothing
+        if self.multilabel:
             known = ~torch.isnan(y)
-            target = torch.nan_to_num(y) * (1 - config.label_smoothing) + config.label_smoothing / 2
+            target = torch.nan_to_num(y) * (1 - smoothing) + smoothing / 2
             per = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
             return (per * known).sum() / known.sum().clamp_min(1)
-        return F.cross_entropy(
-            logits, y, weight=loss_weight, label_smoothing=config.label_smoothing
-        )
+        return F.cross_entropy(logits, y, weight=self.loss_weight, label_smoothing=smoothing)
 
-    select = config.select
-    if select == "auto":
-        select = "macro_auroc"
-        if not multilabel and len(rows.val) and len(np.unique(rows.y_val)) < 2:
-            # AUROC is undefined on a one-class validation set (tiny sets): select on the loss.
-            log.warning("validation rows hold one class only: selecting on the validation loss")
-            select = "loss"
-    higher = select != "loss"
-    best_dir = run_dir / "model"
-
-    def validate() -> dict[str, float]:
+    def validate(self) -> dict[str, float]:
+        rows = self.rows
         eval_rows = rows.val if len(rows.val) else rows.train
         y_eval = rows.y_val if len(rows.val) else rows.y_train
         prob = predict_store(
-            model,
-            store,
+            self.model,
+            self.store,
             eval_rows,
-            img_size=img,
-            in_chans=chans,
-            multilabel=multilabel,
-            device=device,
-            precision=precision,
+            img_size=self.config.model.img_size,
+            in_chans=self.config.model.in_chans,
+            multilabel=self.multilabel,
+            device=self.device,
+            precision=self.precision,
         )
-        return validation_metrics(y_eval, prob, rows.classes, multilabel)
+        return validation_metrics(y_eval, prob, rows.classes, self.multilabel)
 
-    def save_best() -> None:
-        save_classifier(model, config.model, rows.classes, best_dir, extra=model_extra)
+    def save_best(self) -> None:
+        config = self.config
+        extra = {
+            "labels": to_dict(config.labels),
+            "init": self.init_info,
+            "mode": config.mode,
+            "preprocessing": preprocessing_record(self.store, config.model.img_size),
+        }
+        save_classifier(
+            self.model, config.model, self.rows.classes, self.run_dir / "model", extra=extra
+        )
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(config, run_dir / "config.yaml")
-    model_extra = {
-        "labels": to_dict(config.labels),
-        "init": init_info,
-        "mode": config.mode,
-        "preprocessing": preprocessing_record(store, img),
-    }
-    data = {
-        "store": str(Path(config.store).resolve()),
-        "store_fingerprint": store.fingerprint,
-        "classes": rows.classes,
-        "train": describe_rows(store, rows.train, rows.y_train, rows.classes),
-        "val": describe_rows(store, rows.val, rows.y_val, rows.classes) if len(rows.val) else None,
-        "budget": config.budget,
-        "budget_seed": config.budget_seed,
-        "excluded": rows.excluded,
-    }
-    if config.n_folds:
-        y_held = targets(store.manifest, rows.heldout, config.labels, rows.classes)
-        data["heldout"] = describe_rows(store, rows.heldout, y_held, rows.classes)
-        data["heldout"]["rows"] = rows.heldout.tolist()
-        data["fold"] = {"n_folds": config.n_folds, "fold": config.fold}
-        log.info("k-fold: no validation split; the last step is kept (no early stopping)")
-        select = "last"
-    info = {
-        "kind": "classification",
-        "seed": config.train.seed,
-        "versions": library_versions(),
-        "device": str(device),
-        "precision": precision,
-        "init": init_info,
-        "data": data,
-        "select": select,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
-    write_train_rows(store, rows.train, run_dir)
+    def describe(self) -> dict[str, Any]:
+        config, store, rows = self.config, self.store, self.rows
+        data = {
+            "store": str(Path(config.store).resolve()),
+            "store_fingerprint": store.fingerprint,
+            "classes": rows.classes,
+            "train": describe_rows(store, rows.train, rows.y_train, rows.classes),
+            "val": describe_rows(store, rows.val, rows.y_val, rows.classes)
+            if len(rows.val)
+            else None,
+            "budget": config.budget,
+            "budget_seed": config.budget_seed,
+            "excluded": rows.excluded,
+        }
+        if config.n_folds:
+            y_held = targets(store.manifest, rows.heldout, config.labels, rows.classes)
+            data["heldout"] = describe_rows(store, rows.heldout, y_held, rows.classes)
+            data["heldout"]["rows"] = rows.heldout.tolist()
+            data["fold"] = {"n_folds": config.n_folds, "fold": config.fold}
+        return data
 
-    result = fit(
-        model=model,
-        store=store,
-        plan=plan,
-        loss_fn=loss_fn,
-        # k-fold: nothing is held out for selection (the held-out fold is the test set).
-        validate=None if config.n_folds else validate,
-        select=select,
-        higher_is_better=higher,
-        save_best=save_best,
-        config=replace(config.train, patience=0) if config.n_folds else config.train,
-        run_dir=run_dir,
-        num_layers=len(model.encoder.blocks),
-        device=device,
-    )
-    return finish_run(run_dir, info, result)
+
+def finetune(config: FinetuneConfig) -> dict[str, Any]:
+    """Train a classifier (see :class:`FinetuneConfig`); returns the run summary."""
+    return run_task(ClassifyTask(config))
 
 
 def validation_metrics(

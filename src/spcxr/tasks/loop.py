@@ -1,10 +1,14 @@
 """The supervised training loop shared by fine-tuning (``spcxr finetune``) and segmentation.
 
+A task (:class:`SupervisedTask`: rows, model, loss, validation, run record) says what differs;
+:func:`run_task` and :func:`fit` do the rest.
+
 Recipe (METHOD.md section 2; DeiT / the authors' SiT code, with MAE-style layer-wise lr decay):
 AdamW, ``lr = base_lr * batch / 256``, linear warm-up then cosine to ``min_lr`` per iteration,
 weight decay 0.05 without decay on biases / 1-D parameters, layer-wise lr decay, bf16 autocast on
-CUDA and on CPUs with native bf16 (``precision: auto``; losses stay float32). Model selection and early stopping look at the validation split only; the test split is
-never read during training.
+CUDA and on CPUs with native bf16 (``precision: auto``; losses stay float32). Model selection
+and early stopping look at the validation split only; the test split is never read during
+training.
 
 Every random choice is a function of ``(seed, step)``: the batch order (a permutation per epoch,
 or class-balanced draws), the augmentation, stochastic depth. An interrupted run resumes from its
@@ -17,6 +21,7 @@ import json
 import logging
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,15 +35,17 @@ from tqdm.auto import tqdm
 
 from spcxr.atomic import atomic_write_text, remove_orphans
 from spcxr.checks import at_least, positive, require, writable_folder
+from spcxr.config import save_yaml
 from spcxr.data.loader import StoreBatches
 from spcxr.data.store import PreparedStore
 from spcxr.errors import UsageError
 from spcxr.rng import derive_seed
 from spcxr.train.checkpoint import load_checkpoint, save_checkpoint
-from spcxr.train.distributed import autocast, resolve_precision
+from spcxr.train.distributed import autocast, resolve_device, resolve_precision
 from spcxr.train.logging import RunLogger
 from spcxr.train.lrd import param_groups_lrd
 from spcxr.train.schedule import cosine_schedule
+from spcxr.versions import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -240,41 +247,97 @@ def make_optimizer(
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, **kwargs)
 
 
-def fit(
-    *,
-    model: nn.Module,
-    store: PreparedStore,
-    plan: StepBatches,
-    loss_fn: Callable[[dict[str, torch.Tensor], int], torch.Tensor],
-    validate: Callable[[], dict[str, float]] | None,
-    select: str,
-    higher_is_better: bool,
-    save_best: Callable[[], None],
-    config: TrainConfig,
-    run_dir: Path,
-    num_layers: int,
-    with_masks: bool = False,
-    device: torch.device,
-) -> FitResult:
-    """Train ``model`` with ``loss_fn`` on the planned batches; keep the best validated state.
+class SupervisedTask(ABC):
+    """One supervised run for :func:`run_task`: its rows, model, loss, validation and record.
 
-    Args:
-        model: the model (already on ``device``); trainable parameters are optimised.
-        store: the prepared store the rows refer to.
-        plan: which rows each step reads.
-        loss_fn: ``(batch, step) -> scalar loss``; the batch holds uint8 ``images`` (and
-            ``masks``) on ``device``, and ``rows``.
-        validate: computes validation metrics (called in eval mode, without gradients);
-            ``None``: nothing to select on (k-fold), the last state is kept.
-        select: the validation metric that picks the best state (``loss`` when undefined).
+    A subclass reads its settings and rows in ``__init__`` (raising before anything is written),
+    sets ``train_rows``, ``plan`` and ``select``, and implements the hooks below;
+    :func:`run_task` does the steps every task shares, as MAE's ``main_finetune`` does around
+    ``engine_finetune``.
+
+    Attributes:
+        kind: the run's kind in ``run.json`` (``classification``, ``segmentation``).
+        with_masks: batches also carry the lung masks.
+        select: the validation metric that picks the best state; ``"last"``: nothing is
+            validated and the last state is kept (k-fold: the held-out fold is the test set).
         higher_is_better: direction of ``select``.
-        save_best: writes the current model as the best one.
-        config: schedule and bookkeeping.
-        run_dir: the run folder (checkpoint.pt, log.jsonl, tb/).
-        num_layers: encoder depth for layer-wise lr decay.
-        with_masks: also read lung masks.
-        device: the training device.
     """
+
+    kind = ""
+    with_masks = False
+    select = "loss"
+    higher_is_better = True
+    train_rows: np.ndarray
+    plan: StepBatches
+    model: nn.Module
+    init_info: dict[str, Any]
+
+    def __init__(self, config: Any, command: str) -> None:
+        if not config.store:
+            raise ValueError(
+                f"{command}: --store is required (a folder written by `spcxr prepare`)"
+            )
+        self.config = config
+        self.train: TrainConfig = config.train
+        self.run_dir = Path(config.out)
+        self.device = resolve_device(config.train.device, "--train-device")
+        self.precision = resolve_precision(
+            config.train.precision, self.device, flag="--train-precision"
+        )
+        self.store = PreparedStore(config.store)
+
+    @abstractmethod
+    def build_model(self) -> tuple[nn.Module, dict[str, Any]]:
+        """The model on ``self.device`` and the record of its initialisation."""
+
+    @abstractmethod
+    def loss(self, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        """The scalar loss of a batch (uint8 ``images``, ``masks``, ``rows`` on the device)."""
+
+    @abstractmethod
+    def validate(self) -> dict[str, float]:
+        """Validation metrics (called in eval mode, without gradients)."""
+
+    @abstractmethod
+    def save_best(self) -> None:
+        """Write the current model as the best one."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """The ``data`` record of ``run.json``: store, rows, budget, exclusions."""
+
+
+def run_task(task: SupervisedTask) -> dict[str, Any]:
+    """Train ``task``: claim the run folder, build the model from the ``init`` seed, write
+    config.yaml, run.json and train_rows.csv, :func:`fit`, and complete run.json."""
+    run_dir, train = task.run_dir, task.train
+    claim_run_dir(run_dir, train.resume)
+    torch.manual_seed(derive_seed(train.seed, "init"))
+    task.model, task.init_info = task.build_model()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(task.config, run_dir / "config.yaml")
+    info = {
+        "kind": task.kind,
+        "seed": train.seed,
+        "versions": library_versions(),
+        "device": str(task.device),
+        "precision": task.precision,
+        "init": task.init_info,
+        "data": task.describe(),
+        "select": task.select,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
+    write_train_rows(task.store, task.train_rows, run_dir)
+    return finish_run(run_dir, info, fit(task))
+
+
+def fit(task: SupervisedTask) -> FitResult:
+    """Train ``task.model`` with ``task.loss`` on the planned batches; keep the best validated
+    state (``task.save_best``), checkpoint at every validation, stop after ``patience`` bad
+    validations. The encoder depth sets the layer-wise lr decay."""
+    model, plan, config, select = task.model, task.plan, task.train, task.select
+    run_dir, device = task.run_dir, task.device
     started = time.perf_counter()
     spe = plan.steps_per_epoch
     total = max(math.ceil(config.epochs * spe), config.min_steps, 1)
@@ -282,7 +345,7 @@ def fit(
     warmup = round(config.optim.warmup_epochs * spe)
     warmup = min(warmup, total // 4)  # tiny budgets: never spend the whole run warming up
     base_lr = config.optim.lr * plan.batch_size / 256.0
-    optimizer = make_optimizer(model, config.optim, num_layers)
+    optimizer = make_optimizer(model, config.optim, len(model.encoder.blocks))
     precision = resolve_precision(config.precision, device, flag="--train-precision")
 
     ckpt_path = run_dir / "checkpoint.pt"
@@ -307,7 +370,9 @@ def fit(
     stopped_early = False
     window, window_n = 0.0, 0
     try:
-        batches = store_batches(store, plan, step, total, workers=config.workers, masks=with_masks)
+        batches = store_batches(
+            task.store, plan, step, total, workers=config.workers, masks=task.with_masks
+        )
         model.train()
         while step < total:
             batch = next(batches)
@@ -318,7 +383,7 @@ def fit(
             # Stochastic depth and dropout draw from the global RNG: reseed per step (resume).
             torch.manual_seed(derive_seed(config.seed, "step", step))
             with autocast(device, precision):
-                loss = loss_fn(batch, step)
+                loss = task.loss(batch, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.optim.clip_grad > 0:
@@ -329,22 +394,22 @@ def fit(
             window += float(loss.detach())
             window_n += 1
             if step % eval_every == 0 or step == total:
-                if validate is None:
+                if select == "last":
                     metrics, value, improved = {}, float("nan"), True
                 else:
                     model.eval()
                     with torch.no_grad():
-                        metrics = validate()
+                        metrics = task.validate()
                     model.train()
                     value = metrics.get(select, float("nan"))
                     if not math.isfinite(value):
                         raise ValueError(f"validation metric {select!r} is undefined: {metrics}")
                     improved = not math.isfinite(best_value) or (
-                        value > best_value if higher_is_better else value < best_value
+                        value > best_value if task.higher_is_better else value < best_value
                     )
                 if improved:
                     best_value, best_step, bad_evals = value, step, 0
-                    save_best()
+                    task.save_best()
                 else:
                     bad_evals += 1
                 record = {

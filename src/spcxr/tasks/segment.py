@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,9 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from spcxr.atomic import atomic_write_text
 from spcxr.checks import at_least, require
-from spcxr.config import save_yaml
 from spcxr.data.augment import AugmentConfig, eval_transform
 from spcxr.data.budget import parse_budget, select_budget
 from spcxr.data.finetune_augment import FinetuneAugmentConfig, augment_batch
@@ -42,15 +40,12 @@ from spcxr.rng import derive_seed
 from spcxr.tasks.classify import describe_rows
 from spcxr.tasks.loop import (
     StepBatches,
+    SupervisedTask,
     TrainConfig,
-    claim_run_dir,
-    finish_run,
-    fit,
     preprocessing_record,
-    write_train_rows,
+    run_task,
 )
 from spcxr.train.distributed import autocast, resolve_device, resolve_precision
-from spcxr.versions import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -224,121 +219,113 @@ def predict_masks(
     return torch.cat(out).numpy()
 
 
-def segment(config: SegmentConfig) -> dict[str, Any]:
-    """Train a lung segmenter (see :class:`SegmentConfig`); returns the run summary."""
-    if not config.store:
-        raise ValueError("segment: --store is required (a folder written by `spcxr prepare`)")
-    run_dir = Path(config.out)
-    device = resolve_device(config.train.device, "--train-device")
-    precision = resolve_precision(config.train.precision, device, flag="--train-precision")
-    store = PreparedStore(config.store)
-    train, no_mask_train = mask_rows(store, config.train_split, config.sources)
-    val, no_mask_val = mask_rows(store, config.val_split, config.sources)
-    train, val = store.trainable(train), store.trainable(val)
-    if no_mask_train:
-        log.warning("%d training images have no lung mask: excluded from training", no_mask_train)
-    if len(train) == 0:
-        raise ValueError(
-            f"{config.store}: no images with lung masks in split {config.train_split!r}"
-        )
-    if len(val) == 0:
-        raise ValueError(f"{config.store}: no images with lung masks in split {config.val_split!r}")
-    claim_run_dir(run_dir, config.train.resume)
-    budget = parse_budget(config.budget)
-    frame = store.manifest.iloc[train].assign(_y="lung")
-    train = train[select_budget(frame, budget, seed=config.budget_seed, label_col="_y")]
+class SegmentTask(SupervisedTask):
+    """Training a lung segmenter on the rows with masks, selected on validation Dice."""
 
-    torch.manual_seed(derive_seed(config.train.seed, "init"))
-    model, init_info = build_segmenter(config.model, config.init)
-    model.to(device)
-    img, in_chans = config.model.img_size, config.model.in_chans
-    ignore_train = ignore_masks(store, train)
-    pos_of = {int(r): i for i, r in enumerate(train)}
-    plan = StepBatches(train, config.train.batch_size, config.train.seed)
+    kind = "segmentation"
+    with_masks = True
+    select = "dice"
 
-    def loss_fn(batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+    def __init__(self, config: SegmentConfig) -> None:
+        super().__init__(config, "segment")
+        store = self.store
+        train, self.no_mask_train = mask_rows(store, config.train_split, config.sources)
+        val, self.no_mask_val = mask_rows(store, config.val_split, config.sources)
+        train, val = store.trainable(train), store.trainable(val)
+        if self.no_mask_train:
+            log.warning(
+                "%d training images have no lung mask: excluded from training", self.no_mask_train
+            )
+        if len(train) == 0:
+            raise ValueError(
+                f"{config.store}: no images with lung masks in split {config.train_split!r}"
+            )
+        if len(val) == 0:
+            raise ValueError(
+                f"{config.store}: no images with lung masks in split {config.val_split!r}"
+            )
+        budget = parse_budget(config.budget)
+        frame = store.manifest.iloc[train].assign(_y="lung")
+        self.train_rows = train[
+            select_budget(frame, budget, seed=config.budget_seed, label_col="_y")
+        ]
+        self.val = val
+        self.ignore_train = ignore_masks(store, self.train_rows)
+        self.pos_of = {int(r): i for i, r in enumerate(self.train_rows)}
+        self.plan = StepBatches(self.train_rows, config.train.batch_size, config.train.seed)
+        self.val_masks = store.masks(val).astype(bool)
+
+    def build_model(self) -> tuple[nn.Module, dict[str, Any]]:
+        model, init_info = build_segmenter(self.config.model, self.config.init)
+        return model.to(self.device), init_info
+
+    def loss(self, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        config, img = self.config, self.config.model.img_size
         x = eval_transform(batch["images"], img, NORM)
         y = resize_masks(batch["masks"], img)
         valid = None
-        if ignore_train is not None:
-            idx = [pos_of[int(r)] for r in batch["rows"].tolist()]
-            ign = torch.from_numpy(ignore_train[idx]).unsqueeze(1).to(x.device)
+        if self.ignore_train is not None:
+            idx = [self.pos_of[int(r)] for r in batch["rows"].tolist()]
+            ign = torch.from_numpy(self.ignore_train[idx]).unsqueeze(1).to(x.device)
             valid = 1 - resize_masks(ign, img)
         gen = torch.Generator().manual_seed(derive_seed(config.train.seed, "augment", step))
         stacked = y if valid is None else torch.cat([y, valid], 1)
         x, stacked = augment_batch(x, config.augment, gen, masks=stacked)
         y, valid = (stacked, None) if valid is None else (stacked[:, :1], stacked[:, 1:])
-        if in_chans != 1:
-            x = x.expand(-1, in_chans, -1, -1)
-        logits = model(x).float()
+        if config.model.in_chans != 1:
+            x = x.expand(-1, config.model.in_chans, -1, -1)
+        logits = self.model(x).float()
         return dice_bce_loss(logits, y, valid, config.dice_weight, config.bce_weight)
 
-    val_masks = store.masks(val).astype(bool)
-
-    def validate() -> dict[str, float]:
+    def validate(self) -> dict[str, float]:
         prob = predict_masks(
-            model, store, val, img_size=img, in_chans=in_chans, device=device, precision=precision
+            self.model,
+            self.store,
+            self.val,
+            img_size=self.config.model.img_size,
+            in_chans=self.config.model.in_chans,
+            device=self.device,
+            precision=self.precision,
         )
         pred = prob > 0.5
-        inter = (pred & val_masks).sum((1, 2))
-        total = pred.sum((1, 2)) + val_masks.sum((1, 2))
+        inter = (pred & self.val_masks).sum((1, 2))
+        total = pred.sum((1, 2)) + self.val_masks.sum((1, 2))
         dice = np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
         return {"dice": float(dice.mean())}
 
-    best_dir = run_dir / "model"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(config, run_dir / "config.yaml")
-    extra = {
-        "init": init_info,
-        "preprocessing": preprocessing_record(store, img),
-        "dice_weight": config.dice_weight,
-        "bce_weight": config.bce_weight,
-    }
+    def save_best(self) -> None:
+        config = self.config
+        extra = {
+            "init": self.init_info,
+            "preprocessing": preprocessing_record(self.store, config.model.img_size),
+            "dice_weight": config.dice_weight,
+            "bce_weight": config.bce_weight,
+        }
+        save_segmenter(self.model, self.run_dir / "model", extra=extra)
 
-    def save_best() -> None:
-        save_segmenter(model, best_dir, extra=extra)
-
-    ones = np.zeros(len(train), dtype=np.int64)
-    info: dict[str, Any] = {
-        "kind": "segmentation",
-        "seed": config.train.seed,
-        "versions": library_versions(),
-        "device": str(device),
-        "precision": precision,
-        "init": init_info,
-        "data": {
+    def describe(self) -> dict[str, Any]:
+        config, store, train, val = self.config, self.store, self.train_rows, self.val
+        ignored = self.ignore_train
+        return {
             "store": str(Path(config.store).resolve()),
             "store_fingerprint": store.fingerprint,
-            "train": describe_rows(store, train, ones, ["lung"]),
+            "train": describe_rows(store, train, np.zeros(len(train), np.int64), ["lung"]),
             "val": describe_rows(store, val, np.zeros(len(val), np.int64), ["lung"]),
             "budget": config.budget,
             "budget_seed": config.budget_seed,
-            "excluded": {"train without mask": no_mask_train, "val without mask": no_mask_val},
+            "excluded": {
+                "train without mask": self.no_mask_train,
+                "val without mask": self.no_mask_val,
+            },
             "ignore_masks_in_train": int(
-                0 if ignore_train is None else (ignore_train.reshape(len(train), -1).any(1)).sum()
+                0 if ignored is None else (ignored.reshape(len(train), -1).any(1)).sum()
             ),
-        },
-        "select": "dice",
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
-    write_train_rows(store, train, run_dir)
-    result = fit(
-        model=model,
-        store=store,
-        plan=plan,
-        loss_fn=loss_fn,
-        validate=validate,
-        select="dice",
-        higher_is_better=True,
-        save_best=save_best,
-        config=config.train,
-        run_dir=run_dir,
-        num_layers=len(model.encoder.blocks),
-        with_masks=True,
-        device=device,
-    )
-    return finish_run(run_dir, info, result)
+        }
+
+
+def segment(config: SegmentConfig) -> dict[str, Any]:
+    """Train a lung segmenter (see :class:`SegmentConfig`); returns the run summary."""
+    return run_task(SegmentTask(config))
 
 
 def evaluate_segmentation_run(run: Path, info: dict, config, out: Path) -> dict[str, Any]:

@@ -9,11 +9,12 @@ import pytest
 
 from spcxr.config import from_dict
 from spcxr.pretrain.engine import PretrainConfig
-from spcxr.study import Study, _merge, _nest_prepare, load_study
+from spcxr.study import Study, _nest_prepare
+from spcxr.study.config import load_study, merge
 from spcxr.tasks.classify import FinetuneConfig
 from spcxr.tasks.segment import SegmentConfig
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("study_*.yaml"))
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("study_*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -23,9 +24,9 @@ def test_study_config_resolves_every_run(path: Path, tmp_path: Path) -> None:
     study.pretrain_dir = tmp_path / "s" / "pretrain"
     from spcxr.data.prepare import PrepareConfig
 
-    prep = from_dict(PrepareConfig, _nest_prepare(_merge({"sources": ["x"]}, config.prepare)))
+    prep = from_dict(PrepareConfig, _nest_prepare(merge({"sources": ["x"]}, config.prepare)))
     assert prep.image_size >= 128
-    pre = from_dict(PretrainConfig, _merge({"store": "s", "out": "o"}, config.pretrain))
+    pre = from_dict(PretrainConfig, merge({"store": "s", "out": "o"}, config.pretrain))
     assert pre.model.arch.startswith("vit_")
     n = 0
     names = set()

@@ -1,4 +1,4 @@
-"""Encoder initialisation for fine-tuning (spcxr.models.init.load_init)."""
+"""Encoder initialisation for fine-tuning (spcxr.models.init_from.load_init)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 from timm.layers import resample_abs_pos_embed
 
 from spcxr.models.classifier import Classifier, ClassifierConfig, save_classifier
-from spcxr.models.init import load_init, read_model_dir
+from spcxr.models.folder import read_model_dir
+from spcxr.models.init_from import load_init
 from spcxr.models.vit import create_encoder, save_encoder
 from spcxr.pretrain.engine import PretrainConfig, pretrain
 from spcxr.pretrain.gmml import GMMLConfig

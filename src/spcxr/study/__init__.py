@@ -1,0 +1,274 @@
+"""``spcxr study CONFIG``: the paper's protocol end to end, from one YAML file.
+
+1. Prepare one store from every source (patient-level splits; duplicates grouped across sources,
+   so an image and its copy always share a split).
+2. GMML-pretrain on the pool of *training* images of every source: every image in any validation
+   or test split of any task - and, through the duplicate groups, every copy of one - is left out
+   (the store's split is per patient group, and each task evaluates on the store's test split or
+   on held-out folds of the k-fold sources, which are then also excluded from the pool).
+3. For every task, initialisation (GMML / scratch) and label budget: fine-tune (or train the
+   segmenter) with the same recipe.
+4. Evaluate each task's runs together (CIs by patient bootstrap, drift tables, label-efficiency
+   plots) and write a results page that says which data, settings and compute produced each
+   number.
+
+Every step is skipped when its output is complete, so an interrupted study resumes where it
+stopped (a run in progress resumes from its checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from spcxr.config import from_dict, to_dict
+from spcxr.study.config import StudyConfig, StudyTask, load_study, merge
+from spcxr.study.page import write_results_page
+
+log = logging.getLogger(__name__)
+
+
+def _data_root(config: StudyConfig) -> Path:
+    from spcxr.paths import shared_data_dir
+
+    if config.data:
+        return Path(config.data)
+    root = shared_data_dir()
+    if root is None:
+        raise FileNotFoundError(
+            "no data folder: set `data:` in the study config or SPCXR_DATA (../shared/data/cxr)"
+        )
+    return root
+
+
+def _finished(run: Path) -> bool:
+    info = run / "run.json"
+    return info.is_file() and "finished" in json.loads(info.read_text())
+
+
+class Study:
+    """Runs a :class:`StudyConfig` step by step (each step skipped when already complete)."""
+
+    def __init__(self, config: StudyConfig) -> None:
+        self.config = config
+        self.out = Path(config.out)
+        self.store = self.out / "store"
+        self.timings: dict[str, float] = {}
+        self.missing: list[str] = []
+        self.device = config.device
+
+    # -- 1. data
+    def prepare(self) -> Path:
+        from spcxr.data.prepare import PrepareConfig, prepare
+
+        if (self.store / "manifest.parquet").is_file():
+            return self.store
+        start = time.perf_counter()
+        sources = [self._source_spec(s) for s in self.config.sources]
+        settings = merge(
+            {"sources": sources, "out": str(self.store), "progress": False}, self.config.prepare
+        )
+        nested = _nest_prepare(settings)
+        split = nested.setdefault("split", {})
+        split["test_only"] = sorted(set(split.get("test_only") or []) | set(self.external()))
+        prepare(from_dict(PrepareConfig, nested))
+        self.timings["prepare_s"] = time.perf_counter() - start
+        return self.store
+
+    def _source_spec(self, spec: str) -> str:
+        """``[NAME=][TYPE:]PATH`` with a relative PATH taken under the data folder."""
+        head, sep, path = spec.rpartition(":") if ":" in spec else ("", "", spec)
+        if not sep and "=" in spec:
+            head, sep, path = spec.partition("=")
+        if os.path.isabs(path):
+            return spec
+        return f"{head}{sep}{_data_root(self.config) / path}"
+
+    # -- 2. pretraining
+    def pretrain(self) -> Path:
+        from spcxr.pretrain.engine import PretrainConfig, pretrain
+
+        if self.config.pretrain_run:
+            return Path(self.config.pretrain_run)
+        run = self.out / "pretrain"
+        if (run / "encoder" / "model.safetensors").is_file():
+            return run
+        start = time.perf_counter()
+        settings = merge(
+            {
+                "store": str(self.store),
+                "out": str(run),
+                "splits": ["train"],
+                "resume": True,
+                "device": self.device,
+            },
+            self.config.pretrain,
+        )
+        config = from_dict(PretrainConfig, settings)
+        excluded = self._kfold_sources()
+        if excluded:
+            # k-fold sources evaluate on every one of their images: none may be pretrained on.
+            from spcxr.data.store import PreparedStore
+
+            store = PreparedStore(self.store)
+            config.sources = sorted(set(store.manifest["source"]) - set(excluded))
+        pretrain(config)
+        self.timings["pretrain_s"] = time.perf_counter() - start
+        return run
+
+    def external(self) -> list[str]:
+        """Every task's external test sources (prepared test-only)."""
+        return self.config.external_sources()
+
+    def _kfold_sources(self) -> list[str]:
+        return self.config.kfold_sources()
+
+    # -- 3. downstream runs
+    def runs_of(self, task: StudyTask) -> list[tuple[Path, dict[str, Any]]]:
+        """(run folder, settings) of every run of a task."""
+        from spcxr.data.budget import parse_budget
+
+        if task.reuse:
+            source = next((t for t in self.config.tasks if t.name == task.reuse), None)
+            if source is None:
+                raise ValueError(f"task {task.name!r} reuses unknown task {task.reuse!r}")
+            wanted = {parse_budget(b).slug for b in task.budgets}
+            return [
+                (run, settings)
+                for run, settings in self.runs_of(source)
+                if parse_budget(settings["budget"]).slug in wanted
+            ]
+        runs = []
+        base = self.config.segment if task.kind == "segment" else self.config.finetune
+        seeds = self.config.budget_seeds if task.budget_seeds is None else task.budget_seeds
+        # Budget, fold and draw outside, initialisation inside: each GMML run is followed by its
+        # scratch pair, so an interrupted study already holds complete pairs at the small budgets.
+        for budget in task.budgets:
+            folds = range(task.n_folds) if task.n_folds else [None]
+            slug = parse_budget(budget).slug
+            # Repeated label draws at every budget short of all labels (None: one run).
+            draws = list(seeds) if seeds and slug != "all" else [None]
+            for fold in folds:
+                for draw in draws:
+                    for init in self.config.inits:
+                        name = (
+                            f"{init}_{slug}"
+                            + (f"_fold{fold}" if fold is not None else "")
+                            + (f"_draw{draw}" if draw is not None else "")
+                        )
+                        settings = merge(base, task.settings)
+                        settings.update(
+                            store=str(self.store),
+                            out=str(self.out / "tasks" / task.name / name),
+                            init="scratch" if init == "scratch" else str(self.pretrain_dir),
+                            sources=list(task.sources),
+                            budget=budget,
+                        )
+                        if draw is not None:
+                            settings["budget_seed"] = int(draw)
+                        runs.append(self._finish_settings(task, settings, fold))
+        return runs
+
+    def _finish_settings(
+        self, task: StudyTask, settings: dict[str, Any], fold: int | None
+    ) -> tuple[Path, dict[str, Any]]:
+        settings.setdefault("train", {})["device"] = self.device
+        settings["train"]["resume"] = True
+        if task.kind == "classify":
+            settings["labels"] = dict(task.labels)
+            if fold is not None:
+                settings.update(n_folds=task.n_folds, fold=fold)
+        return Path(settings["out"]), settings
+
+    def train(self, task: StudyTask) -> list[Path]:
+        from spcxr.tasks.classify import FinetuneConfig, finetune
+        from spcxr.tasks.segment import SegmentConfig, segment
+
+        done = []
+        source = next((t for t in self.config.tasks if t.name == task.reuse), task)
+        kind = source.kind
+        for run, settings in self.runs_of(task):
+            if not _finished(run) and self.config.finished_only:
+                log.warning("study: %s is not finished; left out (--finished-only)", run)
+                self.missing.append(str(run))
+                continue
+            if not _finished(run):
+                log.info("study: training %s", run)
+                if kind == "segment":
+                    segment(from_dict(SegmentConfig, settings))
+                else:
+                    finetune(from_dict(FinetuneConfig, settings))
+            done.append(run)
+        return done
+
+    def evaluate(self, task: StudyTask, runs: list[Path]) -> dict[str, Any]:
+        from spcxr.tasks.evaluate import EvaluateConfig, evaluate
+
+        settings = merge(
+            {
+                "runs": [str(r) for r in runs],
+                "stores": [str(self.store)],
+                "sources": list(task.test_sources or task.sources),
+                "external": list(task.external_sources),
+                "group_by": task.group_by,
+                "labels": list(task.test_rename),
+                "out": str(self.out / "reports" / task.name),
+                "device": self.device,
+            },
+            self.config.evaluate,
+        )
+        return evaluate(from_dict(EvaluateConfig, settings))
+
+    def run(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        self.prepare()
+        summary: dict[str, Any] = {"variant": self.config.variant, "tasks": {}}
+        if self.config.stop_after == "prepare":
+            return summary
+        # Scratch-only runs need no encoder (they can run while pretraining is still going).
+        self.pretrain_dir = self.pretrain() if "gmml" in self.config.inits else None
+        if self.config.stop_after == "pretrain":
+            return summary
+        for task in self.config.tasks:
+            if self.config.only and task.name not in self.config.only:
+                continue
+            t0 = time.perf_counter()
+            runs = self.train(task)
+            if self.config.stop_after == "train" or not runs:
+                continue
+            results = self.evaluate(task, runs)
+            summary["tasks"][task.name] = {
+                "report": str(self.out / "reports" / task.name / "report.md"),
+                "seconds": round(time.perf_counter() - t0, 1),
+                "comparison": results["comparison"],
+            }
+        summary["seconds"] = round(time.perf_counter() - start, 1)
+        if self.config.stop_after == "train":
+            return summary
+        if self.config.results and self.pretrain_dir is not None:
+            page = write_results_page(self.config, self.pretrain_dir, self.missing)
+            summary["results_page"] = str(page)
+        return summary
+
+
+def _nest_prepare(settings: dict[str, Any]) -> dict[str, Any]:
+    """Accept flat flag-style keys (split_fractions) next to nested ones (split: {...})."""
+    from spcxr.config import _flatten_yaml, _set
+    from spcxr.data.prepare import PrepareConfig
+
+    data: dict[str, Any] = {}
+    for dotted, value in _flatten_yaml(PrepareConfig, settings).items():
+        _set(data, dotted, value)
+    return data
+
+
+def run_study(config: StudyConfig) -> dict[str, Any]:
+    """Run a study (see the module docstring); returns a summary."""
+    return Study(config).run()
+
+
+__all__ = ["Study", "StudyConfig", "StudyTask", "load_study", "run_study", "to_dict"]

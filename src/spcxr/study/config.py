@@ -1,0 +1,97 @@
+"""The study's YAML file as dataclasses: its tasks, its settings, and their merging."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class StudyTask:
+    """One downstream task of a study.
+
+    ``reuse`` names another task whose runs (at this task's ``budgets``) are evaluated here
+    instead of training new ones, e.g. drift: the pneumonia classifiers trained on Kermany,
+    tested on every source with ``test_rename`` mapping the other sources' abnormal labels
+    (tuberculosis, covid19, ...) onto the trained positive class.
+
+    ``external_sources`` are external test sets (e.g. Kermany's official test split, Montgomery
+    for lung masks): the study prepares them test-only (never pretrained, trained or selected
+    on) and reports them beside the internal test. ``budget_seeds`` (default: the study's)
+    gives every budget except ``all`` one run per label draw, paired across initialisations.
+    """
+
+    name: str
+    kind: str = "classify"  # classify | segment
+    title: str = ""
+    sources: list[str] = field(default_factory=list)
+    test_sources: list[str] = field(default_factory=list)
+    labels: dict[str, Any] = field(default_factory=dict)
+    budgets: list[str] = field(default_factory=lambda: ["all"])
+    n_folds: int = 0
+    group_by: str = "source"
+    settings: dict[str, Any] = field(default_factory=dict)
+    reuse: str = ""
+    test_rename: list[str] = field(default_factory=list)
+    external_sources: list[str] = field(default_factory=list)
+    budget_seeds: list[int] | None = None
+
+
+@dataclass
+class StudyConfig:
+    """A study: data, pretraining, tasks (see ``configs/study_*.yaml``)."""
+
+    variant: str = "cpu"
+    out: str = "runs/study"
+    results: str = ""
+    data: str = ""
+    sources: list[str] = field(default_factory=list)
+    prepare: dict[str, Any] = field(default_factory=dict)
+    pretrain: dict[str, Any] = field(default_factory=dict)
+    pretrain_run: str = ""
+    finetune: dict[str, Any] = field(default_factory=dict)
+    segment: dict[str, Any] = field(default_factory=dict)
+    evaluate: dict[str, Any] = field(default_factory=dict)
+    inits: list[str] = field(default_factory=lambda: ["gmml", "scratch"])
+    budget_seeds: list[int] = field(default_factory=list)
+    tasks: list[StudyTask] = field(default_factory=list)
+    discussion: str = ""
+    device: str = "auto"
+    only: list[str] = field(default_factory=list)
+    stop_after: str = ""
+    finished_only: bool = False
+
+    def external_sources(self) -> list[str]:
+        """Every task's external test sources (prepared test-only)."""
+        return sorted({s for t in self.tasks for s in t.external_sources})
+
+    def kfold_sources(self) -> list[str]:
+        """The sources of k-fold tasks (each of their images is evaluated on once)."""
+        return sorted({s for t in self.tasks if t.n_folds for s in t.sources})
+
+
+def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw.update(overrides or {})
+    tasks = [StudyTask(**t) for t in raw.pop("tasks", [])]
+    unknown = set(raw) - {f for f in StudyConfig.__dataclass_fields__}
+    if unknown:
+        raise ValueError(f"{path}: unknown study keys {sorted(unknown)}")
+    config = StudyConfig(**raw)
+    config.tasks = tasks
+    return config
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``extra``, nested dicts merged key by key (neither is changed)."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out

@@ -1,0 +1,248 @@
+"""The study's results page: RESULTS.md and its plots, every number traced to its data,
+settings and compute."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from spcxr.atomic import atomic_write_text
+from spcxr.study.config import StudyConfig, StudyTask, merge
+
+
+def _fmt(entry: dict[str, Any] | None) -> str:
+    from spcxr.tasks.report import ci_text
+
+    return ci_text(entry)
+
+
+def write_results_page(config: StudyConfig, pretrain_dir: Path, missing: list[str]) -> Path:
+    """The study's results page (markdown + plots) in ``config.results``.
+
+    ``pretrain_dir`` is the GMML run the tasks started from; ``missing`` lists the runs left out
+    because they had not finished.
+    """
+    from spcxr.data.store import PreparedStore
+
+    out = Path(config.out)
+    store_dir = out / "store"
+    dest = Path(config.results)
+    (dest / "plots").mkdir(parents=True, exist_ok=True)
+    store = PreparedStore(store_dir)
+    pre = pretrain_dir
+    pre_info = json.loads((pre / "run.json").read_text()) if (pre / "run.json").is_file() else {}
+    pre_cfg = (
+        yaml.safe_load((pre / "config.yaml").read_text()) if (pre / "config.yaml").is_file() else {}
+    )
+    log_path = pre / "log.jsonl"
+    rows = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.is_file() else []
+    losses = [r for r in rows if "loss" in r]  # training rows (not the feature monitor's)
+    m = store.manifest
+    lines = [
+        f"# Study results: variant `{config.variant}`",
+        "",
+        f"Produced by `spcxr study` with its `{config.variant}` configuration on "
+        f"{time.strftime('%Y-%m-%d')} ({platform.node() and 'host ' + platform.machine()}, "
+        f"device `{config.device}`). Every number below comes from this run; confidence intervals "
+        "are 95% bootstrap intervals over patients (k-fold: Student t across folds).",
+        "",
+        "## Data",
+        "",
+        "| source | images | patients | train | val | test | classes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for source, part in m.groupby("source"):
+        splits = part["split"].value_counts()
+        classes = ", ".join(f"{k} {v}" for k, v in part["label"].value_counts().items())
+        lines.append(
+            f"| {source} | {len(part)} | {part['group'].nunique()} | {splits.get('train', 0)} | "
+            f"{splits.get('val', 0)} | {splits.get('test', 0)} | {classes} |"
+        )
+    report = json.loads((store_dir / "report.json").read_text())
+    lines += [
+        "",
+        f"Splits are by patient group (patients joined with their duplicate groups: "
+        f"{report['duplicates']['pairs']} duplicate pairs found across all sources). "
+        f"Images stored at {store.image_size} px (aspect kept, padded).",
+        "",
+        "## Pretraining (GMML)",
+        "",
+    ]
+    if pre_info:
+        d = pre_info.get("data", {})
+        model = pre_cfg.get("model", {})
+        lines += [
+            f"- Pool: {d.get('images')} images of {d.get('patients')} patient groups "
+            f"({', '.join(f'{k} {v}' for k, v in d.get('sources', {}).items())}): the training "
+            "split of every source; no validation/test image of any task, nor any duplicate of "
+            "one, was pretrained on"
+            + (
+                f"; k-fold sources left out entirely: {', '.join(config.kfold_sources())}"
+                if config.kfold_sources()
+                else ""
+            )
+            + (
+                f"; external test sources (test-only) never pretrained on: "
+                f"{', '.join(config.external_sources())}"
+                if config.external_sources()
+                else ""
+            )
+            + ".",
+            f"- Model: {model.get('arch')}/{model.get('patch_size')} at {model.get('img_size')} px, "
+            f"{pre_info.get('steps')} steps of batch {pre_cfg.get('batch_size')} x 2 views "
+            f"({pre_info.get('steps', 0) / max(pre_info.get('steps_per_epoch', 1), 1):.1f} epochs), "
+            f"device {pre_info.get('device')}.",
+        ]
+        if losses:
+            first, last = losses[0], losses[-1]
+            lines.append(
+                f"- Masked L1: {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} "
+                f"(step {last['step']}); {np.mean([x['views_per_s'] for x in losses]):.0f} views/s."
+            )
+        previews = sorted((pre / "previews").glob("*.png"))
+        if previews:
+            shutil.copy(previews[-1], dest / "plots" / "pretrain_preview.png")
+            lines.append("\n![reconstruction preview](plots/pretrain_preview.png)")
+    lines.append("")
+    for task in config.tasks:
+        report_dir = out / "reports" / task.name
+        metrics_path = report_dir / "metrics.json"
+        if not metrics_path.is_file():
+            continue
+        results = json.loads(metrics_path.read_text())
+        lines += _task_section(task, results, report_dir, dest, config)
+    if missing:
+        lines += [
+            "## Runs not included",
+            "",
+            "These runs had not finished when this page was written (`--finished-only`):",
+            "",
+            *[f"- `{r}`" for r in missing],
+            "",
+        ]
+    if config.discussion and Path(config.discussion).is_file():
+        lines += ["## Discussion", "", Path(config.discussion).read_text().strip(), ""]
+    path = dest / "RESULTS.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _task_section(
+    task: StudyTask, results: dict[str, Any], report_dir: Path, dest: Path, config: StudyConfig
+) -> list[str]:
+    runs = results["runs"]
+    first = next(iter(runs.values()))
+    title = task.title or task.name
+    run_info = {}
+    for name, entry in runs.items():
+        info_path = Path(entry["run"]) / "run.json"
+        run_info[name] = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    seconds = sum(i.get("seconds", 0) for i in run_info.values())
+    settings = merge(config.segment if task.kind == "segment" else config.finetune, task.settings)
+    lines = [
+        f"## {title}",
+        "",
+        f"- Train sources: {', '.join(task.sources)}; tested on: "
+        f"{', '.join(task.test_sources or task.sources)}"
+        + (
+            f" ({task.n_folds}-fold cross-validation by patient)"
+            if task.n_folds
+            else " (test split)"
+        )
+        + "."
+        + (
+            f" External test (test-only, never pretrained, trained or selected on): "
+            f"{', '.join(task.external_sources)}."
+            if task.external_sources
+            else ""
+        ),
+        f"- Labels: {json.dumps(task.labels) if task.labels else 'lung masks'}; budgets: "
+        f"{', '.join(task.budgets)}; initialisations: {', '.join(config.inits)}; "
+        f"label draws per budget below all: {_seeds_text(config, task)}.",
+        f"- Settings: `{json.dumps(settings, sort_keys=True)}`.",
+        f"- Compute: {len(runs)} runs, {seconds / 60:.1f} min of training in total.",
+        "",
+    ]
+    # test data of the pooled evaluation of the first run
+    for source, ev in first["eval"].items():
+        d = ev["data"]
+        counts = ", ".join(f"{k} {v}" for k, v in (d.get("per_class") or {}).items())
+        lines.append(
+            f"- Test data {source}: {d['images']} images, {d['patients']} patients"
+            + (f" ({counts})" if counts else "")
+            + (f"; mask convention: {d['mask_convention']}" if d.get("mask_convention") else "")
+        )
+    lines += [
+        "",
+        "Several label draws: mean with the 95% t interval across draws (k-fold: across folds); "
+        "one run: its patient-bootstrap interval.",
+        "",
+        "| setting | init | budget | training images (patients) | draws | tested on | "
+        "test images (patients) | metric | value [95% CI] |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = sorted(
+        results["comparison"],
+        key=lambda r: (r.get("external", False), r["train_images"], r["init"]),
+    )
+    for row in order:
+        folds = f" ({row['folds']} folds)" if row.get("folds") else ""
+        tested = row.get("tested_on", "") + (" (external)" if row.get("external") else "")
+        lines.append(
+            f"| {row['setting']} | {row['init']} | {row['budget']} | {row['train_images']} "
+            f"({row.get('train_patients', '?')}) | {row.get('draws', row.get('folds', 1))} | "
+            f"{tested} | {row.get('test_images', '?')} ({row.get('test_patients', '?')}) | "
+            f"{row['metric']}{folds} | {_fmt(row['value'])} |"
+        )
+    lines.append("")
+    from spcxr.tasks.report import draws_section, paired_section
+
+    if results.get("paired"):
+        lines += [
+            x.replace("## ", "### ", 1) if x.startswith("## ") else x
+            for x in paired_section(results["paired"])
+        ]
+    if results.get("draws"):
+        lines += [
+            x.replace("## ", "### ", 1) if x.startswith("## ") else x
+            for x in draws_section(results["draws"])
+        ]
+    # extra per-run metrics for every test source (secondary metrics and drift)
+    lines += [
+        "| run | test source | " + " | ".join(_secondary(task)) + " |",
+        "|---|---|" + "---|" * len(_secondary(task)),
+    ]
+    for name, entry in runs.items():
+        for source, ev in entry["eval"].items():
+            cells = [_fmt(ev["metrics"].get(k)) for k in _secondary(task)]
+            lines.append(f"| {name} | {source} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for plot in ("label_efficiency.png", "drift.png"):
+        src = report_dir / "plots" / plot
+        if src.is_file():
+            target = dest / "plots" / f"{task.name}_{plot}"
+            shutil.copy(src, target)
+            lines += [f"![{task.name} {plot[:-4]}](plots/{target.name})", ""]
+    lines.append(
+        f"Full report: `{report_dir / 'report.md'}` (not committed; regenerate with the study)."
+    )
+    lines.append("")
+    return lines
+
+
+def _seeds_text(config: StudyConfig, task: StudyTask) -> str:
+    seeds = config.budget_seeds if task.budget_seeds is None else task.budget_seeds
+    return f"{len(seeds)} (budget seeds {', '.join(map(str, seeds))})" if seeds else "1"
+
+
+def _secondary(task: StudyTask) -> list[str]:
+    if task.kind == "segment":
+        return ["dice", "iou", "hd95"]
+    return ["macro_auroc", "accuracy", "balanced_accuracy", "macro_f1", "ece"]
