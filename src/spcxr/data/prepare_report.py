@@ -10,6 +10,7 @@ import pandas as pd
 
 from spcxr.data.splits import SplitConfig
 from spcxr.data.store import fingerprint_manifest
+from spcxr.markdown import table
 
 
 def build_report(
@@ -90,26 +91,26 @@ def render_report(report: dict[str, Any]) -> str:
         "",
         "## Sources",
         "",
-        "| source | spec | images | patients | labels |",
-        "|---|---|---|---|---|",
     ]
 
     def labels(counts: dict[str, int]) -> str:
         return ", ".join(f"{k} {v}" for k, v in counts.items())
 
-    for name, s in report["sources"].items():
-        lines.append(
-            f"| {name} | `{s['spec']}` | {s['images']} | {s['patients']} | {labels(s['labels'])} |"
-        )
-    lines += [
-        "",
-        f"## Splits ({report['split_mode']}, by patient group)",
-        "",
-        "| split | images | patient groups | labels |",
-        "|---|---|---|---|",
-    ]
-    for name, s in report["splits"].items():
-        lines.append(f"| {name} | {s['images']} | {s['patients']} | {labels(s['labels'])} |")
+    lines += table(
+        ["source", "spec", "images", "patients", "labels"],
+        [
+            [name, f"`{s['spec']}`", s["images"], s["patients"], labels(s["labels"])]
+            for name, s in report["sources"].items()
+        ],
+    )
+    lines += ["", f"## Splits ({report['split_mode']}, by patient group)", ""]
+    lines += table(
+        ["split", "images", "patient groups", "labels"],
+        [
+            [name, s["images"], s["patients"], labels(s["labels"])]
+            for name, s in report["splits"].items()
+        ],
+    )
     d = report["duplicates"]
     lines += [
         "",

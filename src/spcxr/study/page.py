@@ -14,6 +14,7 @@ import numpy as np
 import yaml
 
 from spcxr.atomic import atomic_write_text
+from spcxr.markdown import table
 from spcxr.study.config import StudyConfig, StudyTask, merge
 
 
@@ -55,16 +56,17 @@ def write_results_page(config: StudyConfig, pretrain_dir: Path, missing: list[st
         "",
         "## Data",
         "",
-        "| source | images | patients | train | val | test | classes |",
-        "|---|---|---|---|---|---|---|",
     ]
+    data_rows = []
     for source, part in m.groupby("source"):
         splits = part["split"].value_counts()
         classes = ", ".join(f"{k} {v}" for k, v in part["label"].value_counts().items())
-        lines.append(
-            f"| {source} | {len(part)} | {part['group'].nunique()} | {splits.get('train', 0)} | "
-            f"{splits.get('val', 0)} | {splits.get('test', 0)} | {classes} |"
+        data_rows.append(
+            [source, len(part), part["group"].nunique()]
+            + [splits.get(split, 0) for split in ("train", "val", "test")]
+            + [classes]
         )
+    lines += table(["source", "images", "patients", "train", "val", "test", "classes"], data_rows)
     report = json.loads((store_dir / "report.json").read_text())
     lines += [
         "",
@@ -184,23 +186,31 @@ def _task_section(
         "Several label draws: mean with the 95% t interval across draws (k-fold: across folds); "
         "one run: its patient-bootstrap interval.",
         "",
-        "| setting | init | budget | training images (patients) | draws | tested on | "
-        "test images (patients) | metric | value [95% CI] |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
     order = sorted(
         results["comparison"],
         key=lambda r: (r.get("external", False), r["train_images"], r["init"]),
     )
+    setting_rows = []
     for row in order:
         folds = f" ({row['folds']} folds)" if row.get("folds") else ""
         tested = row.get("tested_on", "") + (" (external)" if row.get("external") else "")
-        lines.append(
-            f"| {row['setting']} | {row['init']} | {row['budget']} | {row['train_images']} "
-            f"({row.get('train_patients', '?')}) | {row.get('draws', row.get('folds', 1))} | "
-            f"{tested} | {row.get('test_images', '?')} ({row.get('test_patients', '?')}) | "
-            f"{row['metric']}{folds} | {_fmt(row['value'])} |"
+        setting_rows.append(
+            [
+                row["setting"],
+                row["init"],
+                row["budget"],
+                f"{row['train_images']} ({row.get('train_patients', '?')})",
+                row.get("draws", row.get("folds", 1)),
+                tested,
+                f"{row.get('test_images', '?')} ({row.get('test_patients', '?')})",
+                f"{row['metric']}{folds}",
+                _fmt(row["value"]),
+            ]
         )
+    header = ["setting", "init", "budget", "training images (patients)", "draws", "tested on"]
+    header += ["test images (patients)", "metric", "value [95% CI]"]
+    lines += table(header, setting_rows)
     lines.append("")
     from spcxr.tasks.report import draws_section, paired_section
 
@@ -215,14 +225,14 @@ def _task_section(
             for x in draws_section(results["draws"])
         ]
     # extra per-run metrics for every test source (secondary metrics and drift)
-    lines += [
-        "| run | test source | " + " | ".join(_secondary(task)) + " |",
-        "|---|---|" + "---|" * len(_secondary(task)),
-    ]
-    for name, entry in runs.items():
-        for source, ev in entry["eval"].items():
-            cells = [_fmt(ev["metrics"].get(k)) for k in _secondary(task)]
-            lines.append(f"| {name} | {source} | " + " | ".join(cells) + " |")
+    lines += table(
+        ["run", "test source", *_secondary(task)],
+        [
+            [name, source, *(_fmt(ev["metrics"].get(k)) for k in _secondary(task))]
+            for name, entry in runs.items()
+            for source, ev in entry["eval"].items()
+        ],
+    )
     lines.append("")
     for plot in ("label_efficiency.png", "drift.png"):
         src = report_dir / "plots" / plot
