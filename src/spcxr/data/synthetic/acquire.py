@@ -9,7 +9,6 @@ import zlib
 from functools import lru_cache
 
 import numpy as np
-from scipy import ndimage
 
 from spcxr.data.synthetic.config import SiteProfile
 from spcxr.data.synthetic.grids import _clip01, _pixel_grid
@@ -37,6 +36,28 @@ def _burn_marker(image: np.ndarray, corner: str, glyphs: np.ndarray) -> None:
     text = np.kron(glyphs, np.ones((cell_h, cell_w), dtype=bool))[: h - 2, : w - 2]
     box[1 : 1 + text.shape[0], 1 : 1 + text.shape[1]][text] = 0.12
     image[top : top + h, left : left + w] = box
+
+
+def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur (edge padding), kernel radius 3 sigma.
+
+    Shifted-slice sums in float32: several times faster than ``scipy.ndimage.gaussian_filter``
+    for the small kernels of detector blur (it works line by line in float64).
+    """
+    radius = max(1, round(3.0 * sigma))
+    taps = np.exp(-0.5 * (np.arange(radius + 1) / sigma) ** 2)
+    weights = (taps / (taps[0] + 2.0 * taps[1:].sum())).tolist()  # Python floats keep float32
+    h, w = image.shape
+    padded = np.pad(image, radius, mode="edge")
+    rows = padded[:, radius : radius + w] * weights[0]
+    for i in range(1, radius + 1):
+        rows += weights[i] * (
+            padded[:, radius - i : radius - i + w] + padded[:, radius + i : radius + i + w]
+        )
+    out = rows[radius : radius + h] * weights[0]
+    for i in range(1, radius + 1):
+        out += weights[i] * (rows[radius - i : radius - i + h] + rows[radius + i : radius + i + h])
+    return out
 
 
 def _unit_noise(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
@@ -82,9 +103,7 @@ def acquire(
     if profile.blur_sigma > 0:
         # At least half a pixel: the detector integrates over its pixel, and point-sampled ribs
         # would alias at small sizes.
-        image = ndimage.gaussian_filter(
-            image, max(profile.blur_sigma * size / 256.0, 0.5), mode="nearest", truncate=3.0
-        )
+        image = _gaussian_blur(image, max(profile.blur_sigma * size / 256.0, 0.5))
     if profile.noise_std > 0:
         image += (profile.noise_std * (0.6 + 0.8 * image)) * _unit_noise(rng, image.shape)
     image = _clip01(image + profile.offset)

@@ -88,8 +88,27 @@ def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _bilinear(grid: np.ndarray, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
     """Bilinear sample of ``grid [ny, nx]`` at fractional indices ``(gx, gy)`` (clamped)."""
-    coords = np.stack(np.broadcast_arrays(gy, gx))
-    return ndimage.map_coordinates(grid, coords, order=1, mode="nearest")
+    ny, nx = grid.shape
+    gx = np.clip(gx, 0.0, nx - 1.001, out=gx)
+    gy = np.clip(gy, 0.0, ny - 1.001, out=gy)
+    fx, fy = np.floor(gx), np.floor(gy)
+    idx = (fy * nx + fx).astype(np.intp)
+    fx = gx - fx
+    fy = gy - fy
+    flat = grid.reshape(-1)
+    a, b = flat[idx], flat[idx + 1]
+    idx += nx
+    c, d = flat[idx], flat[idx + 1]
+    b -= a
+    b *= fx
+    a += b  # top row
+    d -= c
+    d *= fx
+    c += d  # bottom row
+    c -= a
+    c *= fy
+    a += c
+    return a
 
 
 def _sample_grid(grid: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
