@@ -87,7 +87,12 @@ def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _bilinear(grid: np.ndarray, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
-    """Bilinear sample of ``grid [ny, nx]`` at fractional indices ``(gx, gy)`` (clamped)."""
+    """Bilinear sample of ``grid [ny, nx]`` at fractional indices ``(gx, gy)`` (clamped).
+
+    Not ``scipy.ndimage.map_coordinates(order=1)``: that agrees within 2.4e-7 but is about 3x
+    slower on these small grids and moves pixels of the synthetic set, whose bytes the demo and
+    the fixtures reproduce exactly.
+    """
     ny, nx = grid.shape
     gx = np.clip(gx, 0.0, nx - 1.001, out=gx)
     gy = np.clip(gy, 0.0, ny - 1.001, out=gy)
