@@ -132,3 +132,45 @@ def test_draw_tables_and_paired_comparisons_match_direct_computation() -> None:
     assert single["paired"] is False and single["value"] == pytest.approx(0.05)
     text = "\n".join(paired_section(paired_comparisons(results, 0.95)) + draws_section(tables))
     assert "| unpaired |" in text and "| paired | 5 |" in text and "ext (external)" in text
+
+
+def test_a_single_draw_pair_gets_the_paired_test_bootstrap() -> None:
+    """All labels, one run per initialisation on the same draw: no t interval exists, so the
+    difference carries the patient bootstrap of both runs scored on the same test rows."""
+    from spcxr.evaluation.draws import TestSample, paired_bootstrap
+    from spcxr.tasks.evaluate import paired_comparisons
+    from spcxr.tasks.report import paired_section
+
+    rng = np.random.default_rng(1)
+    keys = np.array([f"img{i}" for i in range(100)])
+    groups = np.repeat(np.arange(50), 2)  # two images per patient
+    a = (rng.random(100) < 0.9).astype(float)
+    b = (rng.random(100) < 0.8).astype(float)
+
+    def acc(correct: np.ndarray) -> dict[str, float]:
+        return {"accuracy": float(correct.mean())}
+
+    runs = [
+        _entry("gmml", "all", 0, a.mean(), 0.8, 900),
+        _entry("scratch", "all", 0, b.mean(), 0.7, 900),
+    ]
+    samples = {
+        (runs[0]["run"], "a"): TestSample(keys, groups, {"correct": a}, acc),
+        (runs[1]["run"], "a"): TestSample(keys, groups, {"correct": b}, acc),
+    }
+    results = {"runs": {Path(e["run"]).name: e for e in runs}}
+    paired = {
+        p["tested_on"]: p
+        for p in paired_comparisons(results, 0.95, samples=samples, n_boot=200, seed=3)
+    }
+    d = paired["a"]["difference"]
+    expected = paired_bootstrap(*samples.values(), n_boot=200, seed=3)["accuracy"]
+    assert d["n"] == 1 and d["interval"] == "test bootstrap"
+    assert (d["value"], d["low"], d["high"]) == pytest.approx(
+        (a.mean() - b.mean(), expected["low"], expected["high"])
+    )
+    assert d["low"] < d["value"] < d["high"]
+    # the external set has no samples: one draw, no interval, labelled paired
+    assert "interval" not in paired["ext"]["difference"]
+    text = "\n".join(paired_section(list(paired.values())))
+    assert "| one draw | 1 |" in text and "| paired | 1 |" in text

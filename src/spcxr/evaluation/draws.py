@@ -5,18 +5,22 @@ the choice of initialisation does, so a single run decides nothing. A setting is
 its draws (mean, sample SD, Student t interval of the mean); two initialisations trained on the
 same draws are compared draw by draw (paired t interval of the mean difference), which removes
 the between-draw variance both share. Without matching draws the comparison falls back to
-Welch's unpaired interval and says so.
+Welch's unpaired interval and says so. With a single draw (e.g. all labels) only the test set
+varies: :func:`paired_bootstrap` gives the patient-bootstrap interval of the difference of two
+models scored on the same test images, which says nothing about the variation between draws.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy import stats
 
-from spcxr.evaluation.bootstrap import fold_summary
+from spcxr.evaluation.bootstrap import bootstrap_ci, fold_summary
+from spcxr.evaluation.metrics import flatten_scalars
 
 
 def draw_summary(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
@@ -105,4 +109,62 @@ def unpaired_difference(
     }
 
 
-__all__ = ["draw_summary", "paired_difference", "unpaired_difference"]
+@dataclass
+class TestSample:
+    """What one run's metrics on one test set were computed from, kept for paired bootstraps.
+
+    Attributes:
+        keys: ``[n]`` identity of each test row (two samples pair only when these are equal).
+        groups: ``[n]`` patient group per row (the bootstrap resamples groups).
+        arrays: ``[n, ...]`` per-row inputs of ``metric_fn`` (e.g. ``y_true``, ``prob``).
+        metric_fn: ``metric_fn(**arrays)`` -> (nested) dict of metrics.
+    """
+
+    keys: np.ndarray
+    groups: np.ndarray
+    arrays: dict[str, np.ndarray]
+    metric_fn: Callable[..., Mapping[str, Any]]
+
+
+def paired_bootstrap(
+    a: TestSample,
+    b: TestSample,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, dict[str, float]]:
+    """Patient-bootstrap intervals of ``metric(a) - metric(b)`` on the same test rows.
+
+    Every replicate draws patient groups with replacement and scores both runs on the same drawn
+    rows, so the interval holds the test-set uncertainty of the difference (not the variation
+    between label draws).
+
+    Returns:
+        ``{metric key: {"value", "low", "high", "n_valid"}}`` for every scalar both return.
+
+    Raises:
+        ValueError: when the two samples were not scored on the same rows.
+    """
+    if a.keys.shape != b.keys.shape or not np.array_equal(a.keys, b.keys):
+        raise ValueError("paired_bootstrap: the two runs were not scored on the same test rows")
+
+    def difference(**arrays: np.ndarray) -> dict[str, float]:
+        fa = flatten_scalars(a.metric_fn(**{k[2:]: v for k, v in arrays.items() if k[:2] == "a_"}))
+        fb = flatten_scalars(b.metric_fn(**{k[2:]: v for k, v in arrays.items() if k[:2] == "b_"}))
+        return {k: fa[k] - fb[k] for k in fa if k in fb}
+
+    arrays = {f"a_{k}": v for k, v in a.arrays.items()}
+    arrays.update({f"b_{k}": v for k, v in b.arrays.items()})
+    _, groups = np.unique(a.groups, return_inverse=True)
+    ci = bootstrap_ci(difference, groups, n_boot=n_boot, seed=seed, level=level, **arrays)
+    return ci["intervals"]
+
+
+__all__ = [
+    "TestSample",
+    "draw_summary",
+    "paired_bootstrap",
+    "paired_difference",
+    "unpaired_difference",
+]

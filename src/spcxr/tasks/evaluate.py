@@ -28,6 +28,7 @@ from spcxr.checks import at_least, require, writable_folder
 from spcxr.data.labels import LabelConfig, targets, usable
 from spcxr.data.store import PreparedStore
 from spcxr.evaluation.bootstrap import split_ci
+from spcxr.evaluation.draws import TestSample
 from spcxr.train.distributed import resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -173,20 +174,29 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         "precision": config.precision,
         "runs": {},
     }
+    # (run, test source) -> what its metrics came from: a single-draw comparison gets a paired
+    # patient bootstrap from these (kept in memory only).
+    samples: dict[tuple[str, str], TestSample] = {}
     for run_text in config.runs:
         run = Path(run_text)
         info = json.loads((run / "run.json").read_text())
         if info.get("kind") == "segmentation":
             from spcxr.tasks.segment import evaluate_segmentation_run
 
-            results["runs"][_run_name(run)] = evaluate_segmentation_run(run, info, config, out)
+            results["runs"][_run_name(run)] = evaluate_segmentation_run(
+                run, info, config, out, samples=samples
+            )
             continue
         model, meta, info = load_run_model(run, device)
-        results["runs"][_run_name(run)] = _evaluate_classifier(run, model, meta, info, config, out)
+        results["runs"][_run_name(run)] = _evaluate_classifier(
+            run, model, meta, info, config, out, samples=samples
+        )
     results["drift"] = drift_table(results)
     results["comparison"] = comparison(results, config.level)
     results["draws"] = draw_tables(results, config.level)
-    results["paired"] = paired_comparisons(results, config.level)
+    results["paired"] = paired_comparisons(
+        results, config.level, samples=samples, n_boot=config.n_boot, seed=config.seed
+    )
     atomic_write_text(out / "metrics.json", json.dumps(results, indent=2, default=_json_default))
     from spcxr.tasks.report import write_report
 
@@ -208,7 +218,15 @@ def _json_default(value: Any) -> Any:
     raise TypeError(type(value).__name__)
 
 
-def _evaluate_classifier(run: Path, model, meta: dict, info: dict, config, out: Path) -> dict:
+def _evaluate_classifier(
+    run: Path,
+    model,
+    meta: dict,
+    info: dict,
+    config,
+    out: Path,
+    samples: dict[tuple[str, str], TestSample] | None = None,
+) -> dict:
     from spcxr.evaluation.bootstrap import bootstrap_ci
     from spcxr.evaluation.metrics import classification_metrics, multilabel_metrics
     from spcxr.evaluation.plots import confusion_matrix_plot, reliability_diagram, roc_curves
@@ -263,6 +281,11 @@ def _evaluate_classifier(run: Path, model, meta: dict, info: dict, config, out: 
             y_true=s.y,
             prob=prob,
         )
+        if samples is not None:
+            keys = s.store.manifest["image_path"].iloc[s.rows].to_numpy().astype(str)
+            samples[(str(run), s.source)] = TestSample(
+                keys, gkey, {"y_true": s.y, "prob": prob}, _bind(metric_fn, classes)
+            )
         external = s.source in config.external
         entry["eval"][s.source] = {
             "data": _describe(s, classes, multilabel),
@@ -532,11 +555,22 @@ def _metric_by_draw(entries: list[dict], tested: str, metric: str) -> dict[str, 
     }
 
 
-def paired_comparisons(results: dict, level: float, reference: str = "scratch") -> list[dict]:
+def paired_comparisons(
+    results: dict,
+    level: float,
+    reference: str = "scratch",
+    samples: dict[tuple[str, str], TestSample] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> list[dict]:
     """Every initialisation minus ``reference`` (scratch), per budget, test set and metric,
     over the same label draws: per-draw differences and the paired t interval of their mean
-    (:func:`spcxr.evaluation.draws.paired_difference`); without matching draws, unpaired."""
-    from spcxr.evaluation.draws import paired_difference
+    (:func:`spcxr.evaluation.draws.paired_difference`); without matching draws, unpaired.
+
+    A single matching draw has no t interval; when ``samples`` holds both runs' test rows it
+    gets the paired patient-bootstrap interval on the test set instead (``"interval":
+    "test bootstrap"``), which covers the test patients but not the label draw."""
+    from spcxr.evaluation.draws import paired_bootstrap, paired_difference
 
     by_setting: dict[tuple[str, str], dict[str, list[dict]]] = {}
     for entry in results["runs"].values():
@@ -544,6 +578,7 @@ def paired_comparisons(results: dict, level: float, reference: str = "scratch") 
         key = (str(entry.get("budget", "all")), entry.get("mode", "finetune"))
         by_setting.setdefault(key, {}).setdefault(init, []).append(entry)
     out = []
+    boot: dict[tuple[int, int], dict] = {}
     for (budget, mode), inits in by_setting.items():
         base = inits.get(reference)
         if not base:
@@ -557,6 +592,26 @@ def paired_comparisons(results: dict, level: float, reference: str = "scratch") 
                     b = _metric_by_draw(base, tested, metric)
                     if not a or not b:
                         continue
+                    difference = paired_difference(a, b, level)
+                    if difference["paired"] and difference["n"] == 1 and samples:
+                        key = difference["keys"][0]
+                        pair = [
+                            samples.get((e["run"], tested))
+                            for group in (entries, base)
+                            for e in group
+                            if _draw_key(e) == key
+                        ]
+                        if len(pair) == 2 and None not in pair:
+                            cache_key = (id(pair[0]), id(pair[1]))
+                            if cache_key not in boot:
+                                boot[cache_key] = paired_bootstrap(
+                                    *pair, n_boot=n_boot, seed=seed, level=level
+                                )
+                            ci = boot[cache_key].get(metric)
+                            if ci is not None:
+                                difference.update(
+                                    low=ci["low"], high=ci["high"], interval="test bootstrap"
+                                )
                     out.append(
                         {
                             "comparison": f"{init} - {reference}",
@@ -565,7 +620,7 @@ def paired_comparisons(results: dict, level: float, reference: str = "scratch") 
                             "tested_on": tested,
                             "external": bool(entries[0]["eval"][tested].get("external")),
                             "metric": metric,
-                            "difference": paired_difference(a, b, level),
+                            "difference": difference,
                         }
                     )
     return out

@@ -227,8 +227,9 @@ def paired_section(rows: list[dict[str, Any]]) -> list[str]:
         "",
         "Difference of each initialisation from scratch on the same label draws (accuracy in "
         "points). `paired`: mean of the per-draw differences with its 95% paired t interval; "
-        "`unpaired`: no matching draws, difference of means with Welch's interval; one draw "
-        "gives no interval.",
+        "`unpaired`: no matching draws, difference of means with Welch's interval; `one draw`: "
+        "the 95% patient-bootstrap interval of the difference on the same test images (it "
+        "covers the test patients, not the variation between label draws).",
         "",
     ]
     header = ["comparison", "budget", "tested on", "metric", "pairing", "draws"]
@@ -240,7 +241,7 @@ def paired_section(rows: list[dict[str, Any]]) -> list[str]:
         if d["paired"]:
             per = ", ".join(_pct(r["metric"], x, True) for x in d["differences"])
             n = d["n"]
-            pairing = "paired"
+            pairing = "one draw" if d.get("interval") == "test bootstrap" else "paired"
         else:
             per = ""
             n = f"{d['n_a']} vs {d['n_b']}"

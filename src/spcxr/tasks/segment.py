@@ -328,9 +328,15 @@ def segment(config: SegmentConfig) -> dict[str, Any]:
     return run_task(SegmentTask(config))
 
 
-def evaluate_segmentation_run(run: Path, info: dict, config, out: Path) -> dict[str, Any]:
-    """Dice / IoU / HD95 with patient-bootstrap CIs per test source; per-image scores saved."""
+def evaluate_segmentation_run(
+    run: Path, info: dict, config, out: Path, samples: dict | None = None
+) -> dict[str, Any]:
+    """Dice / IoU / HD95 with patient-bootstrap CIs per test source; per-image scores saved.
+
+    ``samples``, when given, receives each test source's per-image scores
+    (:class:`~spcxr.evaluation.draws.TestSample`) for paired bootstraps between runs."""
     from spcxr.evaluation.bootstrap import bootstrap_ci, split_ci
+    from spcxr.evaluation.draws import TestSample
     from spcxr.evaluation.plots import segmentation_examples
     from spcxr.evaluation.segmetrics import segmentation_scores
 
@@ -395,6 +401,9 @@ def evaluate_segmentation_run(run: Path, info: dict, config, out: Path) -> dict[
                 level=config.level,
                 **arrays,
             )
+            if samples is not None:
+                keys = store.manifest["image_path"].iloc[r].to_numpy().astype(str)
+                samples[(str(run), source)] = TestSample(keys, groups, arrays, mean_scores)
             excluded = {}
             if no_mask:
                 excluded["no lung mask"] = no_mask
