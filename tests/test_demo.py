@@ -49,6 +49,11 @@ def test_reduced_demo_runs_every_stage(tmp_path: Path) -> None:
     # segmentation ran and was scored with Dice
     seg = summary["tasks"]["lungs"]["comparison"]
     assert all(r["metric"] == "dice" and 0 <= r["value"]["value"] <= 1 for r in seg)
+    # all masks, one run per initialisation: the difference carries the test-set bootstrap
+    (seg_pair,) = summary["tasks"]["lungs"]["paired"]
+    d = seg_pair["difference"]
+    assert seg_pair["draws"] == 1 and d["interval"] == "test bootstrap"
+    assert d["low"] <= d["value"] <= d["high"]
     # predictions with heatmaps and masks, read back from the files on disk
     cls = pd.read_csv(summary["predictions"]["classify"]["csv"])
     assert (cls["status"] == "ok").all() and len(cls) == 2
@@ -62,3 +67,4 @@ def test_reduced_demo_runs_every_stage(tmp_path: Path) -> None:
     assert any("heatmap" in link or "overlay" in link for link in links)
     for link in links:
         assert (out / link).exists(), link
+    assert "(one draw: test bootstrap)" in report

@@ -200,8 +200,13 @@ def run_demo(
     return summary
 
 
-def _round(entry: dict[str, Any]) -> dict[str, float]:
-    return {k: round(float(entry[k]), 3) for k in ("value", "low", "high") if k in entry}
+def _round(entry: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        k: round(float(entry[k]), 3) for k in ("value", "low", "high") if k in entry
+    }
+    if "interval" in entry:  # "test bootstrap": one draw's patient-bootstrap interval
+        out["interval"] = entry["interval"]
+    return out
 
 
 def _pretrain_summary(run: Path) -> dict[str, Any]:
@@ -289,18 +294,21 @@ def write_demo_report(out: Path, summary: dict[str, Any]) -> Path:
         if task.get("paired"):
             lines += [
                 "Paired difference over the same label draws (mean [95% t interval]; an "
-                "interval that includes 0 means the draws cannot tell the two apart):",
+                "interval that includes 0 means the draws cannot tell the two apart; one draw: "
+                "the patient-bootstrap interval on the same test images, which covers the test "
+                "patients, not the label draw):",
                 "",
             ]
             header = ["comparison", "budget", "tested on", "metric", "draws", "difference [95% CI]"]
             rows = []
             for row in task["paired"]:
                 d = row["difference"]
-                interval = (
-                    f"[{d['low']:+.3f}, {d['high']:+.3f}]"
-                    if row["draws"] >= 2 and "low" in d
-                    else "(one draw: no interval)"
-                )
+                if row["draws"] >= 2 and "low" in d:
+                    interval = f"[{d['low']:+.3f}, {d['high']:+.3f}]"
+                elif d.get("interval") == "test bootstrap":
+                    interval = f"[{d['low']:+.3f}, {d['high']:+.3f}] (one draw: test bootstrap)"
+                else:
+                    interval = "(one draw: no interval)"
                 value = f"{d.get('value', float('nan')):+.3f} {interval}"
                 keys = ("comparison", "budget", "tested_on", "metric", "draws")
                 rows.append([*(row[key] for key in keys), value])
