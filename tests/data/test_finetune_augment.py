@@ -16,6 +16,7 @@ from spcxr.data.finetune_augment import (
     DEFAULT_FILL,
     FinetuneAugmentConfig,
     FinetuneAugmentParams,
+    affine_grid,
     affine_theta,
     apply_params,
     augment_batch,
@@ -76,6 +77,13 @@ def test_identity_config_changes_nothing() -> None:
     out, out_masks = augment_batch(images, IDENTITY, gen(), masks)
     assert torch.allclose(out, images, atol=1e-5)
     assert torch.equal(out_masks, masks)
+
+
+def test_affine_grid_equals_torch() -> None:
+    cfg = FinetuneAugmentConfig(rotate_deg=30.0, hflip_p=0.5)
+    theta = affine_theta(sample_params(6, cfg, gen(8)), 40, 56).float()
+    expected = F.affine_grid(theta, [6, 1, 40, 56], align_corners=False)
+    assert torch.allclose(affine_grid(theta, 40, 56), expected, atol=1e-6)
 
 
 def test_forced_flip_mirrors_exactly() -> None:
