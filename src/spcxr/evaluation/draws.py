@@ -156,8 +156,7 @@ def paired_bootstrap(
 
     arrays = {f"a_{k}": v for k, v in a.arrays.items()}
     arrays.update({f"b_{k}": v for k, v in b.arrays.items()})
-    _, groups = np.unique(a.groups, return_inverse=True)
-    ci = bootstrap_ci(difference, groups, n_boot=n_boot, seed=seed, level=level, **arrays)
+    ci = bootstrap_ci(difference, a.groups, n_boot=n_boot, seed=seed, level=level, **arrays)
     return ci["intervals"]
 
 

@@ -28,7 +28,7 @@ from spcxr.checks import at_least, require, writable_folder
 from spcxr.data.labels import LabelConfig, targets, usable
 from spcxr.data.store import PreparedStore
 from spcxr.evaluation.bootstrap import split_ci
-from spcxr.evaluation.draws import TestSample
+from spcxr.evaluation.draws import TestSample, paired_bootstrap
 from spcxr.train.distributed import resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -570,7 +570,7 @@ def paired_comparisons(
     A single matching draw has no t interval; when ``samples`` holds both runs' test rows it
     gets the paired patient-bootstrap interval on the test set instead (``"interval":
     "test bootstrap"``), which covers the test patients but not the label draw."""
-    from spcxr.evaluation.draws import paired_bootstrap, paired_difference
+    from spcxr.evaluation.draws import paired_difference
 
     by_setting: dict[tuple[str, str], dict[str, list[dict]]] = {}
     for entry in results["runs"].values():
@@ -578,7 +578,7 @@ def paired_comparisons(
         key = (str(entry.get("budget", "all")), entry.get("mode", "finetune"))
         by_setting.setdefault(key, {}).setdefault(init, []).append(entry)
     out = []
-    boot: dict[tuple[int, int], dict] = {}
+    boot: dict[tuple[str, str, str], dict] = {}
     for (budget, mode), inits in by_setting.items():
         base = inits.get(reference)
         if not base:
@@ -594,24 +594,22 @@ def paired_comparisons(
                         continue
                     difference = paired_difference(a, b, level)
                     if difference["paired"] and difference["n"] == 1 and samples:
-                        key = difference["keys"][0]
-                        pair = [
-                            samples.get((e["run"], tested))
-                            for group in (entries, base)
-                            for e in group
-                            if _draw_key(e) == key
-                        ]
-                        if len(pair) == 2 and None not in pair:
-                            cache_key = (id(pair[0]), id(pair[1]))
-                            if cache_key not in boot:
-                                boot[cache_key] = paired_bootstrap(
-                                    *pair, n_boot=n_boot, seed=seed, level=level
-                                )
-                            ci = boot[cache_key].get(metric)
-                            if ci is not None:
-                                difference.update(
-                                    low=ci["low"], high=ci["high"], interval="test bootstrap"
-                                )
+                        intervals = _one_draw_intervals(
+                            difference["keys"][0],
+                            entries,
+                            base,
+                            tested,
+                            samples,
+                            boot,
+                            n_boot=n_boot,
+                            seed=seed,
+                            level=level,
+                        )
+                        ci = intervals.get(metric)
+                        if ci is not None:
+                            difference.update(
+                                low=ci["low"], high=ci["high"], interval="test bootstrap"
+                            )
                     out.append(
                         {
                             "comparison": f"{init} - {reference}",
@@ -624,3 +622,25 @@ def paired_comparisons(
                         }
                     )
     return out
+
+
+def _one_draw_intervals(
+    key: str,
+    entries: list[dict],
+    base: list[dict],
+    tested: str,
+    samples: dict[tuple[str, str], TestSample],
+    cache: dict[tuple[str, str, str], dict],
+    **boot_args: Any,
+) -> dict:
+    """Paired patient-bootstrap intervals, per metric, of the two runs trained on draw ``key``
+    and scored on ``tested`` (computed once per pair); empty when either run's rows were not kept.
+    """
+    runs = [e["run"] for group in (entries, base) for e in group if _draw_key(e) == key]
+    if len(runs) != 2 or any((run, tested) not in samples for run in runs):
+        return {}
+    cache_key = (runs[0], runs[1], tested)
+    if cache_key not in cache:
+        a, b = (samples[(run, tested)] for run in runs)
+        cache[cache_key] = paired_bootstrap(a, b, **boot_args)
+    return cache[cache_key]
