@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,18 @@ def tiny_pretrain_config(store: Path, out: Path, **overrides):
     )
     settings.update(overrides)
     return PretrainConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Runs a module's tiny models on one intra-op thread (restored afterwards).
+
+    They gain nothing from more, and on a shared CPU OpenMP workers waiting for a busy core make
+    them several times slower. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

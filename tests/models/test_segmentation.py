@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,17 +22,8 @@ from spcxr.train.lrd import param_groups_lrd
 TINY = dict(arch="vit_tiny", img_size=32, patch_size=8, decoder_channels=[64, 32, 16, 8])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Runs these tiny models on one intra-op thread (restored afterwards).
-
-    They gain nothing from more, and on a shared CPU OpenMP workers waiting for a busy core make
-    them several times slower.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models on one intra-op thread (tests/conftest.py: one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _segmenter(cfg: SegmenterConfig, depth: int = 4) -> Segmenter:

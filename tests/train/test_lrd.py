@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,17 +15,8 @@ from spcxr.train.lrd import layer_ids, param_groups_lrd
 DEPTH = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Runs these tiny models on one intra-op thread (restored afterwards).
-
-    They gain nothing from more, and on a shared CPU OpenMP workers waiting for a busy core make
-    them several times slower.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models on one intra-op thread (tests/conftest.py: one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
