@@ -134,6 +134,47 @@ def test_draw_tables_and_paired_comparisons_match_direct_computation() -> None:
     assert "| unpaired |" in text and "| paired | 5 |" in text and "ext (external)" in text
 
 
+def test_two_gmml_encoders_are_two_initialisations() -> None:
+    """GMML runs from encoders pretrained for different lengths are never pooled: each gets
+    its own name (from its pretraining epochs) and its own paired difference to scratch."""
+    from spcxr.tasks.evaluate import comparison, label_inits, paired_comparisons
+
+    rng = np.random.default_rng(1)
+    acc = {k: rng.uniform(0.5, 0.9, 3) for k in ("short", "long", "scratch")}
+    runs = []
+    for key, sha, epochs in (("short", "aaa", 9.8), ("long", "bbb", 27.27), ("scratch", None, 0)):
+        for s in range(3):
+            e = _entry("scratch" if key == "scratch" else "gmml", "20/class", s, acc[key][s], 0.5)
+            e["run"] = f"/runs/{key}_20perclass_draw{s}"
+            if sha:
+                e["init"].update(weights_sha256=sha, source_run={"epochs": epochs})
+            runs.append(e)
+    results = {"runs": {Path(e["run"]).name: e for e in runs}}
+    label_inits(results["runs"])
+    assert {e["init_label"] for e in runs} == {"gmml 10 ep", "gmml 27 ep", "scratch"}
+    rows = {r["setting"]: r for r in comparison(results, 0.95) if r["tested_on"] == "a"}
+    assert rows["short_20perclass"]["init"] == "gmml 10 ep"
+    assert rows["short_20perclass"]["value"]["value"] == pytest.approx(acc["short"].mean())
+    paired = {
+        p["comparison"]: p["difference"]
+        for p in paired_comparisons(results, 0.95)
+        if p["tested_on"] == "a" and p["metric"] == "accuracy"
+    }
+    assert set(paired) == {"gmml 10 ep - scratch", "gmml 27 ep - scratch"}
+    np.testing.assert_allclose(
+        paired["gmml 27 ep - scratch"]["differences"], acc["long"] - acc["scratch"]
+    )
+    # one encoder only: plain "gmml", as before; same length, other weights: told apart by hash
+    one = {"r": _entry("gmml", "all", None, 0.8, 0.7)}
+    one["r"]["init"].update(weights_sha256="aaa", source_run={"epochs": 27.0})
+    label_inits(one)
+    assert one["r"]["init_label"] == "gmml"
+    for e, sha in zip(runs[:6], ["aaa"] * 3 + ["ccc"] * 3, strict=True):
+        e["init"].update(weights_sha256=sha, source_run={"epochs": 27.0})
+    label_inits(results["runs"])
+    assert {e["init_label"] for e in runs[:6]} == {"gmml 27 ep aaa", "gmml 27 ep ccc"}
+
+
 def test_a_single_draw_pair_gets_the_paired_test_bootstrap() -> None:
     """All labels, one run per initialisation on the same draw: no t interval exists, so the
     difference carries the patient bootstrap of both runs scored on the same test rows."""

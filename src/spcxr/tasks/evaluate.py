@@ -191,6 +191,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         results["runs"][_run_name(run)] = _evaluate_classifier(
             run, model, meta, info, config, out, samples=samples
         )
+    label_inits(results["runs"])
     results["drift"] = drift_table(results)
     results["comparison"] = comparison(results, config.level)
     results["draws"] = draw_tables(results, config.level)
@@ -406,6 +407,39 @@ def drift_table(results: dict) -> dict[str, Any]:
     return rows
 
 
+def label_inits(entries: dict[str, dict]) -> None:
+    """Give every run its initialisation's name (``entry["init_label"]``): the kind (``gmml``,
+    ``scratch``, ...), and, where runs of one kind start from different encoders (e.g. GMML
+    pretrained for 10, 27 and 100 epochs), the encoder's pretraining length or, failing that, its
+    weights' hash - so that comparisons never pool different encoders as one initialisation."""
+    encoders: dict[str, dict[Any, Any]] = {}
+    for entry in entries.values():
+        init = entry["init"]
+        epochs = (init.get("source_run") or {}).get("epochs")
+        encoders.setdefault(init.get("init", "?"), {})[init.get("weights_sha256")] = epochs
+    names: dict[tuple[str, Any], str] = {}
+    for kind, shas in encoders.items():
+        if len(shas) == 1:
+            names[(kind, next(iter(shas)))] = kind
+            continue
+        by_epochs = {
+            sha: f"{kind} {epochs:.0f} ep" if isinstance(epochs, (int, float)) else kind
+            for sha, epochs in shas.items()
+        }
+        for sha, label in by_epochs.items():
+            if list(by_epochs.values()).count(label) > 1:  # same length, other weights
+                label = f"{label} {str(sha)[:8]}"
+            names[(kind, sha)] = label
+    for entry in entries.values():
+        init = entry["init"]
+        entry["init_label"] = names[(init.get("init", "?"), init.get("weights_sha256"))]
+
+
+def _init_of(entry: dict) -> str:
+    """The run's initialisation name (see :func:`label_inits`)."""
+    return entry.get("init_label") or entry["init"].get("init", "?")
+
+
 def _setting_key(entry: dict) -> str:
     """Runs that differ only in their fold or their label draw belong to one setting."""
     name = _run_name(Path(entry["run"]))
@@ -462,7 +496,7 @@ def comparison(results: dict, level: float) -> list[dict[str, Any]]:
             data = first["eval"][tested]["data"]
             row = {
                 "setting": key,
-                "init": first["init"].get("init", "?"),
+                "init": _init_of(first),
                 "mode": first.get("mode", "finetune"),
                 "budget": first.get("budget", "all"),
                 "train_images": int(np.mean([e["train"]["images"] for e in present])),
@@ -532,7 +566,7 @@ def draw_tables(results: dict, level: float) -> list[dict[str, Any]]:
                 tables.append(
                     {
                         "setting": key,
-                        "init": first["init"].get("init", "?"),
+                        "init": _init_of(first),
                         "mode": first.get("mode", "finetune"),
                         "budget": first.get("budget", "all"),
                         "tested_on": tested,
@@ -574,7 +608,7 @@ def paired_comparisons(
 
     by_setting: dict[tuple[str, str], dict[str, list[dict]]] = {}
     for entry in results["runs"].values():
-        init = entry["init"].get("init", "?")
+        init = _init_of(entry)
         key = (str(entry.get("budget", "all")), entry.get("mode", "finetune"))
         by_setting.setdefault(key, {}).setdefault(init, []).append(entry)
     out = []
