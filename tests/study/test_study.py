@@ -43,20 +43,64 @@ def test_study_config_resolves_every_run(path: Path, tmp_path: Path) -> None:
                 pre.model.patch_size,
                 pre.model.img_size,
             )
-            assert cfg.init == "scratch" or Path(cfg.init) == study.pretrain_dir
+            named = dict(i.split("=", 1) for i in config.inits if "=" in i)
+            assert (
+                cfg.init == "scratch"
+                or Path(cfg.init) == study.pretrain_dir
+                or (any(run.name.startswith(f"{n}_") and p == cfg.init for n, p in named.items()))
+            )
             names.add(run)
             n += 1
     assert len(names) == n  # every run has its own folder
     # drift tasks evaluate runs trained by other tasks (no duplicate training)
     reused = [r for t in config.tasks if t.reuse for r, _ in study.runs_of(t)]
-    assert reused and set(reused) <= names
+    assert reused or config.reports != "reports"  # (a curve config has no drift tables)
+    assert set(reused) <= names
     # every task is run from GMML and from scratch with the same settings otherwise
-    assert set(config.inits) == {"gmml", "scratch"}
-    # the k-fold source is left out of the pretraining pool
-    assert study._kfold_sources() == ["ieee8023"]
+    assert {"gmml", "scratch"} <= set(config.inits)
+    # the k-fold source is left out of the pretraining pool (the base config's tasks)
+    assert study._kfold_sources() == ([] if config.reports != "reports" else ["ieee8023"])
 
 
-def test_tiny_study_keeps_external_test_out_and_pairs_draws(tmp_path: Path) -> None:
+def test_base_config_and_named_inits(tmp_path: Path) -> None:
+    """``base:`` starts from another study config (nested settings merged, tasks replaced);
+    ``NAME=PATH`` inits train runs named after NAME from that encoder; bad entries are refused."""
+    import yaml
+
+    base = {
+        "variant": "v", "out": "o", "budget_seeds": [0, 1],
+        "finetune": {"mode": "finetune", "train": {"epochs": 3, "batch_size": 64}},
+        "tasks": [{"name": "a", "budgets": ["all"]}, {"name": "b"}],
+    }  # fmt: skip
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    child = {
+        "base": "base.yaml",
+        "reports": "reports_x",
+        "finetune": {"train": {"epochs": 5}},
+        "inits": ["gmml", "scratch", "short=enc/short"],
+        "tasks": [{"name": "a", "budgets": ["2/class"]}],
+    }
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump(child))
+    config = load_study(tmp_path / "child.yaml")
+    assert config.finetune == {"mode": "finetune", "train": {"epochs": 5, "batch_size": 64}}
+    assert [t.name for t in config.tasks] == ["a"] and config.budget_seeds == [0, 1]
+    study = Study(config)
+    study.pretrain_dir = Path("pre")
+    runs = {r.name: s["init"] for r, s in study.runs_of(config.tasks[0])}
+    assert runs == {
+        "gmml_2perclass_draw0": "pre", "scratch_2perclass_draw0": "scratch",
+        "short_2perclass_draw0": "enc/short", "gmml_2perclass_draw1": "pre",
+        "scratch_2perclass_draw1": "scratch", "short_2perclass_draw1": "enc/short",
+    }  # fmt: skip
+    for bad in (["gmml", "imagenet"], ["x/y=enc"], ["short="]):
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**child, "inits": bad}))
+        with pytest.raises(ValueError, match="inits entry"):
+            load_study(tmp_path / "bad.yaml")
+
+
+def test_tiny_study_keeps_external_test_out_and_pairs_draws(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A tiny study end to end: an external test source with a planted file (also copied,
     under another patient id, into the internal source) never reaches pretraining, training
     or selection; small budgets run one paired draw per budget seed; the results page has the
@@ -178,3 +222,48 @@ def test_tiny_study_keeps_external_test_out_and_pairs_draws(tmp_path: Path) -> N
     page = (tmp_path / "results" / "RESULTS.md").read_text()
     assert "Paired differences" in page and "Label draws" in page and "ext (external)" in page
     assert "never pretrained on: ext" in page
+    assert "## Summary: where GMML helps" in page and "| gmml - scratch | 3/class |" in page
+
+    # Resumed, the study neither retrains nor re-scores: its reports are up to date.
+    import spcxr.tasks.evaluate as evaluate_module
+
+    stamps = {r.name: (r / "run.json").stat().st_mtime for r, _ in runs}
+
+    def refuse(config):
+        raise AssertionError(f"re-evaluated {config.out}")
+
+    with monkeypatch.context() as m:
+        m.setattr(evaluate_module, "evaluate", refuse)
+        Study(load_study(path)).run()
+
+    # A second config on the same folder (``base:``) adds an encoder pretrained for another
+    # length: only its runs are trained, and its report pairs each GMML encoder with scratch.
+    from spcxr.pretrain.engine import pretrain
+
+    short = tmp_path / "short"
+    pre_cfg = from_dict(
+        PretrainConfig, yaml.safe_load((study.out / "pretrain" / "config.yaml").read_text())
+    )
+    pre_cfg.out, pre_cfg.max_steps, pre_cfg.seed = str(short), 1, 5
+    pretrain(pre_cfg)
+    curve = {
+        "base": "study.yaml",
+        "reports": "reports_curve",
+        "results": str(tmp_path / "results_curve"),
+        "inits": ["gmml", "scratch", f"short={short}"],
+        "tasks": [{**config["tasks"][0], "budgets": ["3/class"]}],
+    }
+    (tmp_path / "curve.yaml").write_text(yaml.safe_dump(curve))
+    Study(load_study(tmp_path / "curve.yaml")).run()
+    assert stamps == {r.name: (r / "run.json").stat().st_mtime for r, _ in runs}
+    trained = sorted(p.name for p in (study.out / "tasks" / "tiny").iterdir())
+    assert [n for n in trained if n.startswith("short")] == [
+        "short_3perclass_draw0", "short_3perclass_draw1"
+    ]  # fmt: skip
+    metrics = json.loads((study.out / "reports_curve" / "tiny" / "metrics.json").read_text())
+    assert len(metrics["runs"]) == 6
+    compared = {p["comparison"] for p in metrics["paired"]}
+    assert len(compared) == 2 and all(c.startswith("gmml ") for c in compared)
+    assert all(p["difference"]["n"] == 2 for p in metrics["paired"])
+    page = (tmp_path / "results_curve" / "RESULTS.md").read_text()
+    assert f"`short` | `{short}` | 1 / 1" in page

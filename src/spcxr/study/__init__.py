@@ -154,7 +154,8 @@ class Study:
             draws = list(seeds) if seeds and slug != "all" else [None]
             for fold in folds:
                 for draw in draws:
-                    for init in self.config.inits:
+                    for spec in self.config.inits:
+                        init, source = self.init_source(spec)
                         name = (
                             f"{init}_{slug}"
                             + (f"_fold{fold}" if fold is not None else "")
@@ -164,7 +165,7 @@ class Study:
                         settings.update(
                             store=str(self.store),
                             out=str(self.out / "tasks" / task.name / name),
-                            init="scratch" if init == "scratch" else str(self.pretrain_dir),
+                            init=source,
                             sources=list(task.sources),
                             budget=budget,
                         )
@@ -172,6 +173,18 @@ class Study:
                             settings["budget_seed"] = int(draw)
                         runs.append(self._finish_settings(task, settings, fold))
         return runs
+
+    def init_source(self, spec: str) -> tuple[str, str]:
+        """``(name, --init)`` of an ``inits`` entry: ``gmml`` (this study's pretraining),
+        ``scratch``, or ``NAME=PATH`` - another encoder (a pretraining run folder or an encoder
+        file), e.g. the same recipe pretrained for another number of epochs; its runs are named
+        ``NAME_<budget>...`` and pair with scratch on the same draws."""
+        if spec == "scratch":
+            return spec, "scratch"
+        if spec == "gmml":
+            return spec, str(self.pretrain_dir)
+        name, _, path = spec.partition("=")
+        return name, path
 
     def _finish_settings(
         self, task: StudyTask, settings: dict[str, Any], fold: int | None
@@ -206,6 +219,10 @@ class Study:
         return done
 
     def evaluate(self, task: StudyTask, runs: list[Path]) -> dict[str, Any]:
+        """Evaluate a task's runs together; a report that is already up to date (same settings,
+        same runs, written after each of them finished) is read back instead of recomputed, so a
+        resumed study does not re-score its finished tasks."""
+        from spcxr.config import to_dict
         from spcxr.tasks.evaluate import EvaluateConfig, evaluate
 
         settings = merge(
@@ -216,12 +233,25 @@ class Study:
                 "external": list(task.external_sources),
                 "group_by": task.group_by,
                 "labels": list(task.test_rename),
-                "out": str(self.out / "reports" / task.name),
+                "out": str(self.out / self.config.reports / task.name),
                 "device": self.device,
             },
             self.config.evaluate,
         )
-        return evaluate(from_dict(EvaluateConfig, settings))
+        config = from_dict(EvaluateConfig, settings)
+        metrics = Path(config.out) / "metrics.json"
+        if metrics.is_file():
+            written = metrics.stat().st_mtime
+            results = json.loads(metrics.read_text())
+            expected = json.loads(json.dumps(to_dict(config)))
+            if config.precision == "auto":  # stored as what it resolved to
+                expected["precision"] = results.get("precision")
+            if results.get("config") == expected and all(
+                (run / "run.json").stat().st_mtime < written for run in runs
+            ):
+                log.info("study: %s is up to date; not re-evaluated", metrics)
+                return results
+        return evaluate(config)
 
     def run(self) -> dict[str, Any]:
         start = time.perf_counter()
@@ -242,7 +272,7 @@ class Study:
                 continue
             results = self.evaluate(task, runs)
             summary["tasks"][task.name] = {
-                "report": str(self.out / "reports" / task.name / "report.md"),
+                "report": str(self.out / self.config.reports / task.name / "report.md"),
                 "seconds": round(time.perf_counter() - t0, 1),
                 "comparison": results["comparison"],
             }

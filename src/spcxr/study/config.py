@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass
@@ -59,6 +62,9 @@ class StudyConfig:
     inits: list[str] = field(default_factory=lambda: ["gmml", "scratch"])
     budget_seeds: list[int] = field(default_factory=list)
     tasks: list[StudyTask] = field(default_factory=list)
+    # the task reports' folder under ``out``: a second config on the same study folder (e.g. the
+    # pretraining-length curve) reuses its finished runs and keeps its own reports
+    reports: str = "reports"
     discussion: str = ""
     device: str = "auto"
     only: list[str] = field(default_factory=list)
@@ -75,7 +81,18 @@ class StudyConfig:
 
 
 def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """A study config; ``base: OTHER.yaml`` (relative to this file) starts from another study
+    config, whose settings this file's keys update (nested settings key by key; ``tasks`` and
+    lists replaced whole)."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
+    if raw.get("base"):
+        base_path = Path(path).parent / raw.pop("base")
+        if base_path.resolve() == Path(path).resolve():
+            raise ValueError(f"{path}: base names the file itself")
+        base = yaml.safe_load(base_path.read_text()) or {}
+        if base.get("base"):
+            raise ValueError(f"{base_path}: a base config cannot have a base of its own")
+        raw = merge(base, raw)
     raw.update(overrides or {})
     tasks = [StudyTask(**t) for t in raw.pop("tasks", [])]
     unknown = set(raw) - {f for f in StudyConfig.__dataclass_fields__}
@@ -83,6 +100,14 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
         raise ValueError(f"{path}: unknown study keys {sorted(unknown)}")
     config = StudyConfig(**raw)
     config.tasks = tasks
+    for spec in config.inits:
+        name, sep, target = spec.partition("=")
+        if spec in ("gmml", "scratch") or (sep and target and _NAME.fullmatch(name)):
+            continue
+        raise ValueError(
+            f"{path}: inits entry {spec!r}: give gmml, scratch or NAME=PATH (an encoder or a "
+            "pretraining run folder; NAME of letters, digits, '.', '-' and '_')"
+        )
     return config
 
 

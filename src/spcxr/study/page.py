@@ -112,14 +112,18 @@ def write_results_page(config: StudyConfig, pretrain_dir: Path, missing: list[st
         if previews:
             shutil.copy(previews[-1], dest / "plots" / "pretrain_preview.png")
             lines.append("\n![reconstruction preview](plots/pretrain_preview.png)")
+    lines += _other_encoders(config)
     lines.append("")
+    reports = {}
     for task in config.tasks:
-        report_dir = out / "reports" / task.name
-        metrics_path = report_dir / "metrics.json"
-        if not metrics_path.is_file():
-            continue
-        results = json.loads(metrics_path.read_text())
-        lines += _task_section(task, results, report_dir, dest, config)
+        metrics_path = out / config.reports / task.name / "metrics.json"
+        if metrics_path.is_file():
+            reports[task.name] = json.loads(metrics_path.read_text())
+    lines += verdict_section(config, reports)
+    for task in config.tasks:
+        if task.name in reports:
+            report_dir = out / config.reports / task.name
+            lines += _task_section(task, reports[task.name], report_dir, dest, config)
     if missing:
         lines += [
             "## Runs not included",
@@ -245,6 +249,153 @@ def _task_section(
     )
     lines.append("")
     return lines
+
+
+VERDICT_METRICS = ("accuracy", "macro_auroc", "balanced_accuracy", "dice")
+METRIC_NAMES = {"macro_auroc": "AUROC", "balanced_accuracy": "balanced accuracy", "dice": "Dice"}
+
+
+def verdict(differences: dict[str, dict[str, Any]]) -> str:
+    """What the paired intervals of one comparison say, in words: ahead where an interval lies
+    above 0, behind where it lies below, and "cannot tell" where every interval covers 0.
+    Intervals of one draw cover the test patients only, never the label draw: said so."""
+    ahead = [m for m, d in differences.items() if _finite(d.get("low")) and d["low"] > 0]
+    behind = [m for m, d in differences.items() if _finite(d.get("high")) and d["high"] < 0]
+    if not any(_finite(d.get("low")) for d in differences.values()):
+        return "no interval"
+
+    def said(metrics: list[str]) -> str:
+        return ", ".join(METRIC_NAMES.get(m, m) for m in metrics)
+
+    if ahead and behind:
+        text = f"mixed: ahead on {said(ahead)}, behind on {said(behind)}"
+    elif ahead:
+        text = f"ahead on {said(ahead)}"
+    elif behind:
+        text = f"behind on {said(behind)}"
+    else:
+        text = "cannot tell"
+    one_draw = any(d.get("interval") == "test bootstrap" for d in differences.values())
+    return text + (" (one draw)" if one_draw else "")
+
+
+def _finite(x: Any) -> bool:
+    return x is not None and bool(np.isfinite(x))
+
+
+def verdict_section(config: StudyConfig, reports: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per task, comparison, budget and test set: the paired differences of every
+    headline metric with their intervals, and what they say (:func:`verdict`)."""
+    from spcxr.tasks.report import interval_text
+
+    tasks = {t.name: t for t in config.tasks}
+    rows = []
+    for name, results in reports.items():
+        if name not in tasks or tasks[name].reuse:  # drift tables pool unlike sources: no verdict
+            continue
+        groups: dict[tuple, dict[str, dict]] = {}
+        for p in results.get("paired", []):
+            if p["metric"] in VERDICT_METRICS:
+                tested = p["tested_on"] + (" (external)" if p.get("external") else "")
+                key = (p["comparison"], p["budget"], tested)
+                groups.setdefault(key, {})[p["metric"]] = p["difference"]
+        for (comparison, budget, tested), diffs in groups.items():
+            first = next(iter(diffs.values()))
+            n = first["n"] if first.get("paired") else f"{first['n_a']} vs {first['n_b']}"
+            cells = " / ".join(
+                f"{METRIC_NAMES.get(m, m)} {interval_text(m, d, signed=True)}"
+                for m, d in diffs.items()
+            )
+            title = tasks[name].title or name
+            rows.append([title, comparison, budget, tested, n, cells, verdict(diffs)])
+    if not rows:
+        return []
+    return [
+        "## Summary: where GMML helps",
+        "",
+        "Every paired comparison on this page (each initialisation minus scratch on the same "
+        "label draws; accuracy in points), with the 95% interval of the mean difference: "
+        "`ahead` / `behind` where the interval excludes 0, `cannot tell` where it covers 0. "
+        "`(one draw)`: a single run per initialisation (all labels), whose interval covers the "
+        "test patients but not the label draw.",
+        "",
+        *table(
+            [
+                "task",
+                "comparison",
+                "budget",
+                "tested on",
+                "draws",
+                "difference [95% CI]",
+                "verdict",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+
+def pretrain_compute(run: Path) -> dict[str, Any]:
+    """Steps, epochs and compute of a pretraining run folder, from its run.json and log (the
+    minutes are summed from the logged throughput, so pauses between resumed pieces don't count).
+    """
+    info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
+    cfg = (
+        yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    )
+    log_path = run / "log.jsonl"
+    rows = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.is_file() else []
+    losses = [r for r in rows if "loss" in r and r.get("views_per_s")]
+    views_per_step = (cfg or {}).get("batch_size", 0) * (cfg or {}).get("augment", {}).get(
+        "n_views", 2
+    )
+    seconds, last = 0.0, 0
+    for r in losses:
+        seconds += (r["step"] - last) * views_per_step / r["views_per_s"]
+        last = r["step"]
+    steps = info.get("steps", 0)
+    return {
+        "steps": steps,
+        "steps_done": last,
+        "epochs": steps / max(info.get("steps_per_epoch", 1), 1),
+        "minutes": seconds / 60,
+        "device": info.get("device"),
+        "precision": info.get("precision"),
+    }
+
+
+def _other_encoders(config: StudyConfig) -> list[str]:
+    """The ``NAME=PATH`` initialisations: which encoder each is and what it cost."""
+    rows = []
+    for spec in config.inits:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            continue
+        run = Path(path)
+        if run.is_file():  # an encoder file: its pretraining run is two folders up
+            run = run.parent.parent if run.parent.name == "encoder" else run.parent
+        c = pretrain_compute(run)
+        rows.append(
+            [
+                f"`{name}`",
+                f"`{path}`",
+                f"{c['steps_done']} / {c['steps']}",
+                f"{c['epochs']:.1f}",
+                f"{c['minutes']:.0f}",
+                f"{c['device']} {c['precision']}",
+            ]
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "Other GMML encoders compared (the same recipe unless their folder's config says "
+        "otherwise):",
+        "",
+        *table(
+            ["init", "encoder", "steps done / planned", "epochs", "compute (min)", "device"], rows
+        ),
+    ]
 
 
 def _seeds_text(config: StudyConfig, task: StudyTask) -> str:

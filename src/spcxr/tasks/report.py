@@ -179,7 +179,8 @@ def _pct(metric: str, value: float | None, signed: bool = False) -> str:
     return f"{value:+.3f}" if signed else f"{value:.3f}"
 
 
-def _interval(metric: str, d: dict[str, Any], signed: bool = False) -> str:
+def interval_text(metric: str, d: dict[str, Any], signed: bool = False) -> str:
+    """``value [low, high]`` of a metric or a difference (accuracies in %, signed: with +)."""
     text = _pct(metric, d.get("value"), signed)
     low, high = d.get("low"), d.get("high")
     if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)):
@@ -210,8 +211,8 @@ def draws_section(tables: list[dict[str, Any]]) -> list[str]:
                 f"{t['test_images']} ({t['test_patients']})",
                 metric,
                 s["n"],
-                "; ".join(f"{r['draw']}: {_interval(metric, r)}" for r in t["runs"]),
-                _interval(metric, s),
+                "; ".join(f"{r['draw']}: {interval_text(metric, r)}" for r in t["runs"]),
+                interval_text(metric, s),
                 _pct(metric, s.get("std")),
                 f"{_pct(metric, s.get('min'))} - {_pct(metric, s.get('max'))}",
             ]
@@ -246,7 +247,7 @@ def paired_section(rows: list[dict[str, Any]]) -> list[str]:
             per = ""
             n = f"{d['n_a']} vs {d['n_b']}"
             pairing = "unpaired"
-        interval = _interval(r["metric"], d, signed=True)
+        interval = interval_text(r["metric"], d, signed=True)
         cells.append([r["comparison"], r["budget"], tested, r["metric"], pairing, n, per, interval])
     lines += [*markdown.table(header, cells), ""]
     return lines
