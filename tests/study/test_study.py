@@ -250,10 +250,12 @@ def test_tiny_study_keeps_external_test_out_and_pairs_draws(
         "base": "study.yaml",
         "reports": "reports_curve",
         "results": str(tmp_path / "results_curve"),
-        "inits": ["gmml", "scratch", f"short={short}"],
+        "inits": ["gmml", "scratch", f"short={short}", f"unfinished={tmp_path / 'running'}"],
         "tasks": [{**config["tasks"][0], "budgets": ["3/class"]}],
     }
     (tmp_path / "curve.yaml").write_text(yaml.safe_dump(curve))
+    (tmp_path / "running").mkdir()
+    shutil.copy(short / "checkpoint.pt", tmp_path / "running")  # a pretraining still running
     Study(load_study(tmp_path / "curve.yaml")).run()
     assert stamps == {r.name: (r / "run.json").stat().st_mtime for r, _ in runs}
     trained = sorted(p.name for p in (study.out / "tasks" / "tiny").iterdir())
@@ -267,3 +269,7 @@ def test_tiny_study_keeps_external_test_out_and_pairs_draws(
     assert all(p["difference"]["n"] == 2 for p in metrics["paired"])
     page = (tmp_path / "results_curve" / "RESULTS.md").read_text()
     assert f"`short` | `{short}` | 1 / 1" in page
+    assert f"`gmml` | `{study.out / 'pretrain'}` | 2 / 2" in page
+    # the runs from the unfinished pretraining are left out and listed, never trained
+    assert not [n for n in trained if n.startswith("unfinished")]
+    assert "unfinished_3perclass_draw0 (encoder" in page and "not finished)" in page

@@ -164,6 +164,11 @@ def test_two_gmml_encoders_are_two_initialisations() -> None:
     np.testing.assert_allclose(
         paired["gmml 27 ep - scratch"]["differences"], acc["long"] - acc["scratch"]
     )
+    # a checkpoint of an unfinished run is named by the epochs it had, not the planned ones
+    for e in runs[:3]:
+        e["init"]["source_run"] = {"epochs": 100.0, "steps_done": 330, "steps_per_epoch": 110}
+    label_inits(results["runs"])
+    assert runs[0]["init_label"] == "gmml 3 ep"
     # one encoder only: plain "gmml", as before; same length, other weights: told apart by hash
     one = {"r": _entry("gmml", "all", None, 0.8, 0.7)}
     one["r"]["init"].update(weights_sha256="aaa", source_run={"epochs": 27.0})

@@ -50,6 +50,13 @@ def _finished(run: Path) -> bool:
     return info.is_file() and "finished" in json.loads(info.read_text())
 
 
+def _encoder_ready(init: str) -> bool:
+    """``scratch``, an encoder file, or a pretraining run folder whose encoder is exported (a run
+    folder with only a checkpoint is a pretraining that has not finished)."""
+    path = Path(init)
+    return init == "scratch" or path.is_file() or (path / "encoder" / "model.safetensors").is_file()
+
+
 class Study:
     """Runs a :class:`StudyConfig` step by step (each step skipped when already complete)."""
 
@@ -208,6 +215,13 @@ class Study:
             if not _finished(run) and self.config.finished_only:
                 log.warning("study: %s is not finished; left out (--finished-only)", run)
                 self.missing.append(str(run))
+                continue
+            if not _finished(run) and not _encoder_ready(settings["init"]):
+                # e.g. a longer pretraining still running: never fine-tune from its checkpoint
+                log.warning(
+                    "study: %s left out: %s has no exported encoder yet", run, settings["init"]
+                )
+                self.missing.append(f"{run} (encoder {settings['init']} not finished)")
                 continue
             if not _finished(run):
                 log.info("study: training %s", run)

@@ -112,7 +112,7 @@ def write_results_page(config: StudyConfig, pretrain_dir: Path, missing: list[st
         if previews:
             shutil.copy(previews[-1], dest / "plots" / "pretrain_preview.png")
             lines.append("\n![reconstruction preview](plots/pretrain_preview.png)")
-    lines += _other_encoders(config)
+    lines += _other_encoders(config, pretrain_dir)
     lines.append("")
     reports = {}
     for task in config.tasks:
@@ -336,8 +336,11 @@ def verdict_section(config: StudyConfig, reports: dict[str, dict[str, Any]]) -> 
 
 
 def pretrain_compute(run: Path) -> dict[str, Any]:
-    """Steps, epochs and compute of a pretraining run folder, from its run.json and log (the
-    minutes are summed from the logged throughput, so pauses between resumed pieces don't count).
+    """Steps, epochs and compute of a pretraining run folder, from its run.json and log.
+
+    ``minutes`` sums the logged throughput over the steps (pauses between resumed pieces don't
+    count, but time lost to other jobs on a shared machine does); ``minutes_at_best`` prices
+    every step at the run's fastest logged rate, an estimate of its cost on the machine alone.
     """
     info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
     cfg = (
@@ -346,31 +349,34 @@ def pretrain_compute(run: Path) -> dict[str, Any]:
     log_path = run / "log.jsonl"
     rows = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.is_file() else []
     losses = [r for r in rows if "loss" in r and r.get("views_per_s")]
-    views_per_step = (cfg or {}).get("batch_size", 0) * (cfg or {}).get("augment", {}).get(
-        "n_views", 2
-    )
+    cfg = cfg or {}
+    views_per_step = cfg.get("batch_size", 0) * cfg.get("augment", {}).get("n_views", 2)
     seconds, last = 0.0, 0
     for r in losses:
         seconds += (r["step"] - last) * views_per_step / r["views_per_s"]
         last = r["step"]
+    best = max((r["views_per_s"] for r in losses), default=0.0)
     steps = info.get("steps", 0)
     return {
         "steps": steps,
         "steps_done": last,
         "epochs": steps / max(info.get("steps_per_epoch", 1), 1),
         "minutes": seconds / 60,
+        "minutes_at_best": last * views_per_step / best / 60 if best else float("nan"),
         "device": info.get("device"),
         "precision": info.get("precision"),
     }
 
 
-def _other_encoders(config: StudyConfig) -> list[str]:
-    """The ``NAME=PATH`` initialisations: which encoder each is and what it cost."""
+def _other_encoders(config: StudyConfig, pretrain_dir: Path) -> list[str]:
+    """The ``NAME=PATH`` initialisations beside the study's own GMML encoder: which encoder
+    each is and what its pretraining cost."""
+    specs = [spec.partition("=") for spec in config.inits]
+    named = [(name, path) for name, sep, path in specs if sep]
+    if not named:
+        return []
     rows = []
-    for spec in config.inits:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            continue
+    for name, path in [("gmml", str(pretrain_dir)), *named]:
         run = Path(path)
         if run.is_file():  # an encoder file: its pretraining run is two folders up
             run = run.parent.parent if run.parent.name == "encoder" else run.parent
@@ -382,19 +388,19 @@ def _other_encoders(config: StudyConfig) -> list[str]:
                 f"{c['steps_done']} / {c['steps']}",
                 f"{c['epochs']:.1f}",
                 f"{c['minutes']:.0f}",
+                f"{c['minutes_at_best']:.0f}",
                 f"{c['device']} {c['precision']}",
             ]
         )
-    if not rows:
-        return []
+    header = ["init", "encoder", "steps done / planned", "epochs", "minutes as run"]
+    header += ["minutes at its fastest logged rate", "device"]
     return [
         "",
-        "Other GMML encoders compared (the same recipe unless their folder's config says "
-        "otherwise):",
+        "GMML encoders compared (the same recipe unless their folder's config says otherwise; "
+        "minutes from the logged throughput, so they include time lost to other jobs on a "
+        "shared machine; the fastest-rate column estimates the cost on the machine alone):",
         "",
-        *table(
-            ["init", "encoder", "steps done / planned", "epochs", "compute (min)", "device"], rows
-        ),
+        *table(header, rows),
     ]
 
 

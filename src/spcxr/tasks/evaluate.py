@@ -415,7 +415,7 @@ def label_inits(entries: dict[str, dict]) -> None:
     encoders: dict[str, dict[Any, Any]] = {}
     for entry in entries.values():
         init = entry["init"]
-        epochs = (init.get("source_run") or {}).get("epochs")
+        epochs = _trained_epochs(init.get("source_run") or {})
         encoders.setdefault(init.get("init", "?"), {})[init.get("weights_sha256")] = epochs
     names: dict[tuple[str, Any], str] = {}
     for kind, shas in encoders.items():
@@ -433,6 +433,15 @@ def label_inits(entries: dict[str, dict]) -> None:
     for entry in entries.values():
         init = entry["init"]
         entry["init_label"] = names[(init.get("init", "?"), init.get("weights_sha256"))]
+
+
+def _trained_epochs(source: dict) -> float | None:
+    """Epochs of pretraining an encoder had: steps done (a checkpoint of an unfinished run has
+    fewer than planned) over steps per epoch, else the planned epochs."""
+    done, per_epoch = source.get("steps_done"), source.get("steps_per_epoch")
+    if isinstance(done, (int, float)) and isinstance(per_epoch, (int, float)) and per_epoch > 0:
+        return done / per_epoch
+    return source.get("epochs")
 
 
 def _init_of(entry: dict) -> str:
