@@ -360,7 +360,7 @@ def pretrain_compute(run: Path) -> dict[str, Any]:
     return {
         "steps": steps,
         "steps_done": last,
-        "epochs": steps / max(info.get("steps_per_epoch", 1), 1),
+        "epochs": last / max(info.get("steps_per_epoch", 1), 1),  # trained so far
         "minutes": seconds / 60,
         "minutes_at_best": last * views_per_step / best / 60 if best else float("nan"),
         "device": info.get("device"),
@@ -392,7 +392,7 @@ def _other_encoders(config: StudyConfig, pretrain_dir: Path) -> list[str]:
                 f"{c['device']} {c['precision']}",
             ]
         )
-    header = ["init", "encoder", "steps done / planned", "epochs", "minutes as run"]
+    header = ["init", "encoder", "steps done / planned", "epochs done", "minutes as run"]
     header += ["minutes at its fastest logged rate", "device"]
     return [
         "",
