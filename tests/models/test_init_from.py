@@ -134,6 +134,17 @@ def test_checkpoint_path_when_encoder_was_not_exported(
     assert info["source_run"]["steps_done"] == 2
 
 
+def test_an_unfinished_pretraining_is_used_with_a_warning(
+    checkpoint_only_run, caplog: pytest.LogCaptureFixture
+) -> None:
+    info_path = checkpoint_only_run / "run.json"
+    info_path.write_text(json.dumps({**json.loads(info_path.read_text()), "steps": 5}))
+    with caplog.at_level("WARNING", logger="spcxr.models.init_from"):
+        _, info = load_init(str(checkpoint_only_run), **TINY)
+    assert "has not finished (step 2 of 5)" in caplog.text
+    assert (info["source_run"]["steps_done"], info["source_run"]["steps"]) == (2, 5)
+
+
 def test_naming_checkpoint_pt_uses_it_even_with_an_export(gmml_run, gmml_encoder_state) -> None:
     encoder, info = load_init(str(gmml_run / "checkpoint.pt"), **TINY)
     _assert_state_equal(encoder, gmml_encoder_state)

@@ -29,6 +29,7 @@ fine-tuning at another resolution) instead of being re-initialised.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ from spcxr.models.vit import (
     read_encoder_config,
 )
 from spcxr.train.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
 
 __all__ = ["encoder_shape", "load_init"]
 
@@ -152,6 +155,15 @@ def _load_gmml(
     encoder = _encoder_from_state(state["model"], source, target_args, ckpt)
     record = _pretrain_record(run)
     record["steps_done"] = int(state["step"])
+    if record["steps"] and record["steps_done"] < record["steps"]:
+        # allowed (e.g. to look at an early encoder), but never silently: run.json records it
+        log.warning(
+            "%s: this pretraining has not finished (step %d of %d): fine-tuning from its "
+            "checkpoint, not from the encoder it will export",
+            ckpt,
+            record["steps_done"],
+            record["steps"],
+        )
     return encoder, {"path": str(ckpt), "source_run": record}
 
 
