@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from spcxr.config import from_dict, to_dict
-from spcxr.study.config import StudyConfig, StudyTask, load_study, merge
+from spcxr.study.config import StudyConfig, StudyTask, load_study, merge, split_init
 from spcxr.study.page import write_results_page
 
 log = logging.getLogger(__name__)
@@ -190,8 +190,7 @@ class Study:
             return spec, "scratch"
         if spec == "gmml":
             return spec, str(self.pretrain_dir)
-        name, _, path = spec.partition("=")
-        return name, path
+        return split_init(spec)
 
     def _finish_settings(
         self, task: StudyTask, settings: dict[str, Any], fold: int | None

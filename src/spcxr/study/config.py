@@ -101,14 +101,21 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
     config = StudyConfig(**raw)
     config.tasks = tasks
     for spec in config.inits:
-        name, sep, target = spec.partition("=")
-        if spec in ("gmml", "scratch") or (sep and target and _NAME.fullmatch(name)):
+        name, target = split_init(spec)
+        if spec in ("gmml", "scratch") or (target and _NAME.fullmatch(name)):
             continue
         raise ValueError(
             f"{path}: inits entry {spec!r}: give gmml, scratch or NAME=PATH (an encoder or a "
             "pretraining run folder; NAME of letters, digits, '.', '-' and '_')"
         )
     return config
+
+
+def split_init(spec: str) -> tuple[str, str]:
+    """``(NAME, PATH)`` of an ``inits`` entry ``NAME=PATH``; ``(spec, "")`` for ``gmml`` and
+    ``scratch``, which name no path."""
+    name, _, path = spec.partition("=")
+    return name, path
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import yaml
 
 from spcxr.atomic import atomic_write_text
 from spcxr.markdown import table
-from spcxr.study.config import StudyConfig, StudyTask, merge
+from spcxr.study.config import StudyConfig, StudyTask, merge, split_init
 
 
 def _fmt(entry: dict[str, Any] | None) -> str:
@@ -38,13 +38,7 @@ def write_results_page(config: StudyConfig, pretrain_dir: Path, missing: list[st
     (dest / "plots").mkdir(parents=True, exist_ok=True)
     store = PreparedStore(store_dir)
     pre = pretrain_dir
-    pre_info = json.loads((pre / "run.json").read_text()) if (pre / "run.json").is_file() else {}
-    pre_cfg = (
-        yaml.safe_load((pre / "config.yaml").read_text()) if (pre / "config.yaml").is_file() else {}
-    )
-    log_path = pre / "log.jsonl"
-    rows = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.is_file() else []
-    losses = [r for r in rows if "loss" in r]  # training rows (not the feature monitor's)
+    pre_info, pre_cfg, losses = _read_pretrain_run(pre)
     m = store.manifest
     lines = [
         f"# Study results: variant `{config.variant}`",
@@ -335,6 +329,18 @@ def verdict_section(config: StudyConfig, reports: dict[str, dict[str, Any]]) -> 
     ]
 
 
+def _read_pretrain_run(run: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict]]:
+    """A pretraining run folder's run.json, config.yaml and training log rows (not the feature
+    monitor's); empty where a file is missing."""
+    info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
+    cfg = (
+        yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    )
+    log_path = run / "log.jsonl"
+    rows = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.is_file() else []
+    return info, cfg or {}, [r for r in rows if "loss" in r]
+
+
 def pretrain_compute(run: Path) -> dict[str, Any]:
     """Steps, epochs and compute of a pretraining run folder, from its run.json and log.
 
@@ -342,14 +348,8 @@ def pretrain_compute(run: Path) -> dict[str, Any]:
     count, but time lost to other jobs on a shared machine does); ``minutes_at_best`` prices
     every step at the run's fastest logged rate, an estimate of its cost on the machine alone.
     """
-    info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
-    cfg = (
-        yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
-    )
-    log_path = run / "log.jsonl"
-    rows = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.is_file() else []
-    losses = [r for r in rows if "loss" in r and r.get("views_per_s")]
-    cfg = cfg or {}
+    info, cfg, losses = _read_pretrain_run(run)
+    losses = [r for r in losses if r.get("views_per_s")]
     views_per_step = cfg.get("batch_size", 0) * cfg.get("augment", {}).get("n_views", 2)
     seconds, last = 0.0, 0
     for r in losses:
@@ -371,8 +371,7 @@ def pretrain_compute(run: Path) -> dict[str, Any]:
 def _other_encoders(config: StudyConfig, pretrain_dir: Path) -> list[str]:
     """The ``NAME=PATH`` initialisations beside the study's own GMML encoder: which encoder
     each is and what its pretraining cost."""
-    specs = [spec.partition("=") for spec in config.inits]
-    named = [(name, path) for name, sep, path in specs if sep]
+    named = [(name, path) for name, path in map(split_init, config.inits) if path]
     if not named:
         return []
     rows = []
