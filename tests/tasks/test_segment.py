@@ -10,7 +10,13 @@ import torch
 from spcxr.models.segmentation import SegmenterConfig
 from spcxr.tasks.evaluate import EvaluateConfig, evaluate
 from spcxr.tasks.loop import FinetuneOptimConfig, TrainConfig
-from spcxr.tasks.segment import SegmentConfig, dice_bce_loss, mask_rows, segment
+from spcxr.tasks.segment import (
+    SegmentConfig,
+    dice_bce_loss,
+    mask_rows,
+    resolution_ceiling,
+    segment,
+)
 
 
 def _config(store, out, **kw) -> SegmentConfig:
@@ -82,6 +88,26 @@ def test_segment_learns_the_phantom_lungs_and_evaluates(synth_store, tmp_path) -
     assert np.isclose(per_image["dice"].mean(), dice["value"])
     assert "Dice" in (out / "report.md").read_text()
     assert any(p.endswith(".png") for p in entry["plots"].values())
+    # the resolution ceiling of the model's 32 px grid: below 1, above what the model scored
+    ceiling = ev["data"]["resolution_ceiling"]
+    assert dice["value"] < ceiling < 1
+    assert f"input size: {ceiling:.3f}" in (out / "report.md").read_text()
+
+
+def test_resolution_ceiling_is_one_at_full_size_and_falls_with_the_grid() -> None:
+    yy, xx = np.mgrid[:64, :64]
+    # two ellipses, the thin one needs fine pixels
+    masks = np.stack(
+        [
+            ((yy - 30) / 20.0) ** 2 + ((xx - 20) / 9.0) ** 2 <= 1,
+            ((yy - 32) / 25.0) ** 2 + ((xx - 40) / 3.0) ** 2 <= 1,
+        ]
+    ).astype(np.uint8)
+    assert np.allclose(resolution_ceiling(masks, 64), 1.0)
+    at32, at8 = resolution_ceiling(masks, 32), resolution_ceiling(masks, 8)
+    assert np.all(at8 < at32) and np.all(at32 < 1)
+    assert at32[0] > 0.95 and at8[1] < at8[0]  # the thin one loses more
+    assert resolution_ceiling(np.zeros((0, 64, 64), np.uint8), 32).shape == (0,)
 
 
 def test_images_without_masks_are_excluded_and_counted(synth_store) -> None:

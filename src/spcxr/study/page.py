@@ -134,6 +134,12 @@ def write_results_page(config: StudyConfig, pretrain_dir: Path, missing: list[st
     return path
 
 
+def _ceiling_text(data: dict) -> str:
+    """``; Dice ceiling ... 0.988`` for a segmentation test set that records one."""
+    ceiling = data.get("resolution_ceiling")
+    return f"; Dice ceiling at the model's input size {ceiling:.3f}" if ceiling is not None else ""
+
+
 def _task_section(
     task: StudyTask, results: dict[str, Any], report_dir: Path, dest: Path, config: StudyConfig
 ) -> list[str]:
@@ -178,6 +184,7 @@ def _task_section(
             f"- Test data {source}: {d['images']} images, {d['patients']} patients"
             + (f" ({counts})" if counts else "")
             + (f"; mask convention: {d['mask_convention']}" if d.get("mask_convention") else "")
+            + _ceiling_text(d)
         )
     lines += [
         "",

@@ -325,6 +325,13 @@ def _run_section(name: str, entry: dict[str, Any]) -> list[str]:
             else _metric_rows(ev["metrics"], entry.get("classes", []))
         )
         lines += [*markdown.table(["metric", "value [95% CI]"], rows), ""]
+        if d.get("resolution_ceiling") is not None:
+            lines += [
+                f"Dice ceiling at the model's input size: {d['resolution_ceiling']:.3f} (the "
+                "reference masks taken down to the model's grid and back up: what a perfect "
+                "model at that size would score).",
+                "",
+            ]
     for kind, rel in (entry.get("plots") or {}).items():
         lines.append(f"![{kind}]({rel})")
     lines.append("")

@@ -165,6 +165,26 @@ def resize_masks(masks_u8: torch.Tensor, size: int) -> torch.Tensor:
     return (m > 0.5).float()
 
 
+def resolution_ceiling(true: np.ndarray, size: int) -> np.ndarray:
+    """Per-image Dice of the reference masks after a round trip through the model's grid.
+
+    The masks ``[n, S, S]`` go down to ``size`` as the training targets do
+    (:func:`resize_masks`) and back up as predictions do (:func:`predict_masks`: bilinear,
+    then > 0.5). A perfect model at ``size`` px scores this, so ``1 - ceiling`` is what the
+    input resolution alone costs; a Dice far below it is lost elsewhere (issue 14 point 6).
+    """
+    from spcxr.evaluation.segmetrics import dice
+
+    if true.size == 0:
+        return np.zeros(0)
+    t = torch.from_numpy(np.ascontiguousarray(true, dtype=np.uint8)).unsqueeze(1)
+    small = resize_masks(t, size)
+    if small.shape[-1] != t.shape[-1]:
+        small = F.interpolate(small, size=t.shape[-2:], mode="bilinear", align_corners=False)
+    back = (small > 0.5)[:, 0].numpy()
+    return np.atleast_1d(dice(back, true.astype(bool)))
+
+
 def dice_bce_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -418,6 +438,10 @@ def evaluate_segmentation_run(
                     "mask_convention": MASK_CONVENTIONS.get(source, "as provided by the source"),
                     "hd95_undefined": int(np.isnan(arrays["hd95"]).sum()),
                     "grid": f"{store.image_size} px store grid",
+                    # the best Dice a model at its input size can reach on these masks
+                    "resolution_ceiling": float(
+                        np.mean(resolution_ceiling(true, int(enc["img_size"])))
+                    ),
                 },
                 **split_ci(ci),
                 **({"external": True} if source in config.external else {}),
@@ -457,5 +481,6 @@ __all__ = [
     "dice_bce_loss",
     "evaluate_segmentation_run",
     "predict_masks",
+    "resolution_ceiling",
     "segment",
 ]
