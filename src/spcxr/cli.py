@@ -132,6 +132,17 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from spcxr.tasks.sweep import SweepConfig, sweep
+
+    result = sweep(resolve(SweepConfig, args))
+    out = Path(result["sweep"]["out"])
+    for name, setting in result["chosen"].items():
+        print(f"{name}: chosen {setting} on validation; recipe: {out / f'best_{name}.yaml'}")
+    print(f"table: {out / 'sweep.md'}")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from spcxr.tasks.evaluate import EvaluateConfig, evaluate
     from spcxr.tasks.report import ci_text
@@ -339,6 +350,9 @@ COMMANDS: tuple[Command, ...] = (
             "spcxr.tasks.classify:FinetuneConfig", _cmd_finetune),
     Command("segment", "train a lung segmenter on a pretrained (or random) ViT",
             "spcxr.tasks.segment:SegmentConfig", _cmd_segment),
+    Command("sweep",
+            "choose a fine-tuning or segmentation recipe on validation, per initialisation",
+            "spcxr.tasks.sweep:SweepConfig", _cmd_sweep),
     Command("evaluate", "metrics with confidence intervals, drift tables, comparisons and plots",
             "spcxr.tasks.evaluate:EvaluateConfig", _cmd_evaluate, (("runs", "RUN"),)),
     Command("predict",

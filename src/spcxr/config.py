@@ -138,6 +138,11 @@ def add_arguments(
         parser.add_argument(_flag(dotted), **kwargs)
 
 
+def config_keys(cls: type) -> set[str]:
+    """Every dotted setting of a settings class (``train.optim.lr``, ...)."""
+    return {dotted for dotted, *_ in _walk(cls)}
+
+
 def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     for part in parts[:-1]:
