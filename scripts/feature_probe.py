@@ -18,7 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from spcxr.data.store import PreparedStore
-from spcxr.models.init import load_init
+from spcxr.models.init_from import load_init
 from spcxr.tasks.classify import prepare_inputs
 
 
