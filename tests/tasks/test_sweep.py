@@ -105,3 +105,17 @@ def test_sweep_command_and_its_errors(recipe, tmp_path, capsys) -> None:
     assert "--base" in capsys.readouterr().err
     assert main(["sweep", "--base", str(recipe), "--grid", "nope=1", "--out", str(out)]) == 2
     assert "'nope' is not a setting" in capsys.readouterr().err
+
+
+def test_the_shipped_sweep_config_and_its_recipe_are_valid() -> None:
+    from pathlib import Path
+
+    from spcxr.config import load_yaml
+
+    root = Path(__file__).parents[2]
+    config = load_yaml(SweepConfig, root / "configs" / "sweep_kermany_cpu.yaml")
+    config.validate()
+    recipe = load_yaml(FinetuneConfig, root / config.base)
+    assert recipe.budget == config.budget == "20/class" and recipe.labels.classes
+    grid = parse_grid(config.grid, FinetuneConfig)
+    assert grid["train.optim.lr"] == [3e-4, 1e-3, 3e-3]
