@@ -184,3 +184,37 @@ def test_segment_draws_with_an_external_test_source(tmp_path) -> None:
     expected = [dice[f"ft_draw-{s}"] - dice[f"scratch_draw-{s}"] for s in (0, 1)]
     np.testing.assert_allclose(paired[0]["difference"]["differences"], expected)
     assert "## Paired differences" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_rows_without_a_mask_are_counted_for_their_own_source(tmp_path, monkeypatch) -> None:
+    """Two test rows of one source lose their mask: that source reports 2 excluded, the other
+    source none."""
+    import spcxr.tasks.segment as seg
+    from spcxr.data.prepare import PrepareConfig, prepare
+    from spcxr.data.store import PreparedStore
+    from spcxr.data.synthetic import SyntheticConfig, write_synthetic_dataset
+
+    for name, seed in (("inner", 3), ("outer", 4)):
+        write_synthetic_dataset(tmp_path / name, SyntheticConfig(n_patients=16, size=48, seed=seed))
+    store = tmp_path / "store"
+    sources = [f"inner=csv:{tmp_path / 'inner'}", f"outer=csv:{tmp_path / 'outer'}"]
+    prep = PrepareConfig(sources=sources, out=str(store), image_size=32, workers=1, progress=False)
+    prep.split.test_only = ["outer"]
+    prepare(prep)
+    config = _config(store, tmp_path / "seg", sources=["inner"])
+    config.train.min_steps = config.train.eval_every = 4
+    segment(config)
+
+    class TwoMissing(PreparedStore):
+        def __init__(self, *a, **k) -> None:
+            super().__init__(*a, **k)
+            self.has_mask = self.has_mask.copy()
+            self.has_mask[self.indices("test", source=["inner"])[:2]] = False
+
+    monkeypatch.setattr(seg, "PreparedStore", TwoMissing)
+    results = evaluate(
+        EvaluateConfig(runs=[str(tmp_path / "seg")], out=str(tmp_path / "rep"), n_boot=20)
+    )
+    ev = results["runs"]["seg"]["eval"]
+    assert ev["inner"]["data"]["excluded"]["no lung mask"] == 2
+    assert "no lung mask" not in ev["outer"]["data"]["excluded"]

@@ -425,8 +425,10 @@ def evaluate_segmentation_run(
                 keys = store.manifest["image_path"].iloc[r].to_numpy().astype(str)
                 samples[(str(run), source)] = TestSample(keys, groups, arrays, mean_scores)
             excluded = {}
-            if no_mask:
-                excluded["no lung mask"] = no_mask
+            # this source's own rows without a mask (not the count over every test source)
+            missing = mask_rows(store, config.split, [source])[1] if no_mask else 0
+            if missing:
+                excluded["no lung mask"] = missing
             if seen.any():
                 excluded["identical to a training image"] = int(seen.sum())
             entry["eval"][source] = {
