@@ -143,7 +143,9 @@ def config_keys(cls: type) -> set[str]:
     return {dotted for dotted, *_ in _walk(cls)}
 
 
-def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """``data["train"]["optim"]["lr"] = value`` for ``dotted`` ``train.optim.lr`` (nested dicts
+    made where missing)."""
     parts = dotted.split(".")
     for part in parts[:-1]:
         data = data.setdefault(part, {})
@@ -199,10 +201,10 @@ def resolve(cls: type[T], args: argparse.Namespace) -> T:
         if not isinstance(raw, dict):
             raise ValueError(f"{config_path}: a config file must be a mapping of keys to values")
         for dotted, value in _flatten_yaml(cls, raw).items():
-            _set(data, dotted, value)
+            set_dotted(data, dotted, value)
     for key, value in vars(args).items():
         if key.startswith("cfg__"):
-            _set(data, key[5:].replace("__", "."), value)
+            set_dotted(data, key[5:].replace("__", "."), value)
     return from_dict(cls, data)
 
 
@@ -235,5 +237,5 @@ def load_yaml(cls: type[T], path: str | Path) -> T:
     raw = yaml.safe_load(Path(path).read_text()) or {}
     data: dict[str, Any] = {}
     for dotted, value in _flatten_yaml(cls, raw).items():
-        _set(data, dotted, value)
+        set_dotted(data, dotted, value)
     return from_dict(cls, data)

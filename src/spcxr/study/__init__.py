@@ -300,12 +300,12 @@ class Study:
 
 def _nest_prepare(settings: dict[str, Any]) -> dict[str, Any]:
     """Accept flat flag-style keys (split_fractions) next to nested ones (split: {...})."""
-    from spcxr.config import _flatten_yaml, _set
+    from spcxr.config import _flatten_yaml, set_dotted
     from spcxr.data.prepare import PrepareConfig
 
     data: dict[str, Any] = {}
     for dotted, value in _flatten_yaml(PrepareConfig, settings).items():
-        _set(data, dotted, value)
+        set_dotted(data, dotted, value)
     return data
 
 

@@ -31,7 +31,7 @@ import yaml
 
 from spcxr import markdown
 from spcxr.atomic import atomic_write_text
-from spcxr.config import config_keys, from_dict, load_yaml, to_dict
+from spcxr.config import config_keys, from_dict, load_yaml, set_dotted, to_dict
 from spcxr.tasks.loop import draw_dir, parse_seeds, run_finished
 from spcxr.versions import library_versions
 
@@ -143,14 +143,6 @@ def _init_name(spec: str) -> tuple[str, str]:
     return ("scratch", "scratch") if spec == "scratch" else (Path(spec).name or spec, spec)
 
 
-def _with(data: dict[str, Any], dotted: str, value: Any) -> None:
-    node = data
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-
-
 def _better(select: str) -> float:
     """+1 when a higher ``select`` is better, -1 when lower is."""
     return -1.0 if select in _LOWER_IS_BETTER else 1.0
@@ -171,10 +163,11 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for (name, init), setting, seed in itertools.product(inits, combos, seeds):
-        run = draw_dir(out / name / setting_name(setting), seed)
+        label = setting_name(setting)
+        run = draw_dir(out / name / label, seed)
         data = to_dict(base_cfg)
         for key, value in setting.items():
-            _with(data, key, value)
+            set_dotted(data, key, value)
         data.update(out=str(run), init=init, budget=config.budget, budget_seed=seed)
         data["budget_seeds"] = ""
         if config.store:
@@ -183,12 +176,12 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
         if run_finished(run):
             info = json.loads((run / "run.json").read_text())
         else:
-            log.info("sweep: %s, %s, draw %d -> %s", name, setting_name(setting), seed, run)
+            log.info("sweep: %s, %s, draw %d -> %s", name, label, seed, run)
             info = train_fn(from_dict(cls, data))
         rows.append(
             {
                 "init": name,
-                "setting": setting_name(setting),
+                "setting": label,
                 **{key: setting[key] for key in grid},
                 "draw": seed,
                 "select": info["select"],
@@ -201,12 +194,12 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
         )
     table = pd.DataFrame(rows)
     table.to_csv(out / "sweep.csv", index=False)
-    ranked, chosen = _rank(table)
+    ranked, chosen = _rank(table, list(grid))
     for name, setting_row in chosen.items():
         data = to_dict(base_cfg)
         for key in grid:
             value = setting_row[key]
-            _with(data, key, value.item() if isinstance(value, np.generic) else value)
+            set_dotted(data, key, value.item() if isinstance(value, np.generic) else value)
         data["init"] = dict(inits)[name]
         atomic_write_text(out / f"best_{name}.yaml", yaml.safe_dump(data, sort_keys=False))
     result = {
@@ -221,25 +214,10 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     return {**result, "table": table, "ranked": ranked}
 
 
-def _rank(table: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, pd.Series]]:
+def _rank(table: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, dict[str, pd.Series]]:
     """Per init and setting: mean, SD and per-draw values of the validation metric, ranked
-    best first; and the best setting of each init (highest mean, or lowest for a loss)."""
-    keys = [
-        c
-        for c in table.columns
-        if c
-        not in (
-            "init",
-            "setting",
-            "draw",
-            "select",
-            "value",
-            "best_step",
-            "steps",
-            "seconds",
-            "run",
-        )
-    ]
+    best first; and the best setting of each init (highest mean, or lowest for a loss).
+    ``keys``: the grid's settings (columns of ``table``)."""
     groups = []
     for (init, setting), part in table.groupby(["init", "setting"], sort=False):
         part = part.sort_values("draw")
