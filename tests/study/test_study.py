@@ -56,8 +56,8 @@ def test_study_config_resolves_every_run(path: Path, tmp_path: Path) -> None:
     reused = [r for t in config.tasks if t.reuse for r, _ in study.runs_of(t)]
     assert reused or config.reports != "reports"  # (a curve config has no drift tables)
     assert set(reused) <= names
-    # every task is run from GMML and from scratch with the same settings otherwise
-    assert {"gmml", "scratch"} <= set(config.inits)
+    # every task is run from scratch and from at least one GMML encoder
+    assert "scratch" in config.inits and len(config.inits) >= 2
     # the k-fold source is left out of the pretraining pool (the base config's tasks)
     assert study._kfold_sources() == ([] if config.reports != "reports" else ["ieee8023"])
 
@@ -96,6 +96,43 @@ def test_base_config_and_named_inits(tmp_path: Path) -> None:
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**child, "inits": bad}))
         with pytest.raises(ValueError, match="inits entry"):
             load_study(tmp_path / "bad.yaml")
+
+
+def test_init_settings_give_each_initialisation_its_recipe(tmp_path: Path) -> None:
+    """A task's ``init_settings`` override its settings for one initialisation's runs only;
+    the draws stay paired; a name that is not an init is refused."""
+    import yaml
+
+    study_yaml = {
+        "variant": "v", "out": "o", "budget_seeds": [0, 1],
+        "finetune": {"mode": "finetune", "train": {"epochs": 3, "optim": {"lr": 1e-3}}},
+        "inits": ["scratch", "long=enc/long"],
+        "tasks": [{
+            "name": "a", "budgets": ["2/class"], "settings": {"model": {"head": "cls"}},
+            "init_settings": {
+                "long": {"mode": "probe_finetune", "train": {"optim": {"lr": 3e-3}}},
+                "scratch": {"train": {"optim": {"layer_decay": 0.9}}},
+            },
+        }],
+    }  # fmt: skip
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(study_yaml))
+    config = load_study(tmp_path / "s.yaml")
+    runs = {r.name: s for r, s in Study(config).runs_of(config.tasks[0])}
+    assert sorted(runs) == [
+        "long_2perclass_draw0", "long_2perclass_draw1",
+        "scratch_2perclass_draw0", "scratch_2perclass_draw1",
+    ]  # fmt: skip
+    long, scratch = runs["long_2perclass_draw1"], runs["scratch_2perclass_draw1"]
+    assert long["mode"] == "probe_finetune" and scratch["mode"] == "finetune"
+    assert long["train"]["optim"] == {"lr": 3e-3}
+    assert scratch["train"]["optim"] == {"lr": 1e-3, "layer_decay": 0.9}
+    assert long["model"] == scratch["model"] == {"head": "cls"}
+    assert long["budget_seed"] == scratch["budget_seed"] == 1
+    assert long["train"]["epochs"] == scratch["train"]["epochs"] == 3
+    study_yaml["tasks"][0]["init_settings"]["gmml"] = {"mode": "linear"}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(study_yaml))
+    with pytest.raises(ValueError, match=r"init_settings names \['gmml'\]"):
+        load_study(tmp_path / "bad.yaml")
 
 
 def test_tiny_study_keeps_external_test_out_and_pairs_draws(

@@ -137,11 +137,60 @@ def test_linear_probe_changes_only_the_head(synth_store, tmp_path) -> None:
     assert any(not torch.equal(w[k], init[k]) for k in head)
 
 
+def test_probe_then_finetune_freezes_the_encoder_for_the_probe_phase_only(
+    synth_store, tmp_path, monkeypatch
+) -> None:
+    """LP-FT: 3 of 6 steps train the head alone; the encoder moves only afterwards; a run cut
+    at the switch resumes to the same model as one that was not cut."""
+    from safetensors.torch import load_file
+
+    from spcxr.models.classifier import build_classifier
+    from spcxr.rng import derive_seed
+    from spcxr.train.checkpoint import load_checkpoint
+
+    def cfg(out: str, resume: bool = False) -> FinetuneConfig:
+        c = _config(synth_store, tmp_path / out, mode="probe_finetune", probe_fraction=0.5)
+        c.train.resume = resume
+        return c
+
+    finetune(cfg("full"))
+    import spcxr.tasks.loop as loop
+
+    real = loop.save_checkpoint
+
+    def crash_at_the_switch(state, path):
+        real(state, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_at_the_switch)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg("cut"))
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    at_switch = load_checkpoint(tmp_path / "cut" / "checkpoint.pt", map_location="cpu")
+    assert at_switch["step"] == 3
+    torch.manual_seed(derive_seed(0, "init"))
+    model, _ = build_classifier(cfg("x").model, 2, "scratch")
+    init = model.state_dict()
+    enc = [k for k in init if k.startswith("encoder.")]
+    head = [k for k in init if k.startswith("head.")]
+    assert all(torch.equal(at_switch["model"][k], init[k]) for k in enc)
+    assert any(not torch.equal(at_switch["model"][k], init[k]) for k in head)
+    finetune(cfg("cut", resume=True))
+    state = load_checkpoint(tmp_path / "cut" / "checkpoint.pt", map_location="cpu")
+    assert state["step"] == 6
+    assert any(not torch.equal(state["model"][k], init[k]) for k in enc)
+    a = load_file(tmp_path / "full" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_errors_name_the_problem(synth_store, tmp_path) -> None:
     with pytest.raises(ValueError, match="--store"):
         finetune(FinetuneConfig())
     with pytest.raises(ValueError, match="mode"):
         FinetuneConfig(mode="probe")
+    with pytest.raises(ValueError, match="--probe-fraction"):
+        FinetuneConfig(mode="probe_finetune", probe_fraction=1.0)
     with pytest.raises(ValueError, match=r"no training rows|fewer than two"):
         finetune(_config(synth_store, tmp_path / "e", sources=["nope"]))
 

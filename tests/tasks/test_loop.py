@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from spcxr.tasks.loop import StepBatches, class_weights
 
@@ -41,3 +42,19 @@ def test_class_weights_are_inverse_frequency_with_mean_one() -> None:
     assert w[2] == 0.0
     np.testing.assert_allclose(w[:2], [4 / 3 / 2, 4 / 1 / 2])
     np.testing.assert_allclose(w[0] * 3 + w[1] * 1, 4.0)
+
+
+def test_phase_lr_restarts_the_schedule_after_the_probe_phase() -> None:
+    from spcxr.tasks.loop import phase_lr
+    from spcxr.train.schedule import cosine_schedule
+
+    # no probe phase: one warm-up and cosine over the run
+    assert [phase_lr(s, 100, 0, 1.0, 0.0, 10) for s in range(100)] == [
+        cosine_schedule(s, 100, 1.0, 0.0, 10) for s in range(100)
+    ]
+    lrs = [phase_lr(s, 100, 40, 1.0, 0.0, 20) for s in range(100)]
+    # warm-ups capped at a quarter of each phase: 10 steps, then 15 steps
+    assert lrs[0] == 0.0 and lrs[10] == pytest.approx(1.0)
+    assert lrs[39] < 0.01  # the probe phase decays to the floor
+    assert lrs[40] == 0.0 and lrs[55] == pytest.approx(1.0)  # restart
+    assert lrs[99] < 0.01

@@ -169,6 +169,7 @@ class Study:
                             + (f"_draw{draw}" if draw is not None else "")
                         )
                         settings = merge(base, task.settings)
+                        settings = merge(settings, task.init_settings.get(init, {}))
                         settings.update(
                             store=str(self.store),
                             out=str(self.out / "tasks" / task.name / name),

@@ -26,6 +26,12 @@ class StudyTask:
     for lung masks): the study prepares them test-only (never pretrained, trained or selected
     on) and reports them beside the internal test. ``budget_seeds`` (default: the study's)
     gives every budget except ``all`` one run per label draw, paired across initialisations.
+
+    ``init_settings`` maps an initialisation's name (``gmml``, ``scratch`` or the NAME of a
+    ``NAME=PATH`` entry) to settings merged over ``settings`` for its runs only: each
+    initialisation's own recipe, chosen on the validation split by ``spcxr sweep`` (a
+    pretrained encoder and a random one rarely want the same learning rate). The runs stay
+    paired: same label draws, same data, same selection rule.
     """
 
     name: str
@@ -42,6 +48,7 @@ class StudyTask:
     test_rename: list[str] = field(default_factory=list)
     external_sources: list[str] = field(default_factory=list)
     budget_seeds: list[int] | None = None
+    init_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -108,6 +115,14 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
             f"{path}: inits entry {spec!r}: give gmml, scratch or NAME=PATH (an encoder or a "
             "pretraining run folder; NAME of letters, digits, '.', '-' and '_')"
         )
+    names = {split_init(spec)[0] for spec in config.inits}
+    for task in tasks:
+        unknown = set(task.init_settings) - names
+        if unknown:
+            raise ValueError(
+                f"{path}: task {task.name!r}: init_settings names {sorted(unknown)}, which are "
+                f"not in inits {sorted(names)}"
+            )
     return config
 
 

@@ -77,7 +77,13 @@ class FinetuneConfig:
         n_folds: k-fold cross-validation over the labelled rows of ``cv_splits`` (0: off).
         fold: the held-out fold of this run (0 .. n_folds-1) when ``n_folds`` > 0.
         cv_splits: splits pooled for k-fold cross-validation (small sets: all of them).
-        mode: ``finetune`` (all weights) or ``linear`` (linear probing: frozen encoder).
+        mode: ``finetune`` (all weights), ``linear`` (linear probing: frozen encoder) or
+            ``probe_finetune`` (LP-FT, Kumar et al. ICLR 2022: the head is first trained on the
+            frozen encoder, then everything is fine-tuned from that head, so the first
+            full-network steps do not push a random head's gradients into pretrained features;
+            reported to keep more out-of-distribution accuracy).
+        probe_fraction: ``probe_finetune``: share of the run's steps with the encoder frozen;
+            each phase has its own warm-up and cosine schedule.
         balance: class imbalance handling: ``weighted_loss`` (inverse frequency),
             ``sampler`` (class-balanced batches) or ``none``.
         label_smoothing: label smoothing of the cross-entropy (DeiT: 0.1).
@@ -104,6 +110,7 @@ class FinetuneConfig:
     fold: int = 0
     cv_splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
     mode: str = "finetune"
+    probe_fraction: float = 0.5
     balance: str = "weighted_loss"
     label_smoothing: float = 0.1
     select: str = "auto"
@@ -113,8 +120,14 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("finetune", "linear"):
-            raise ValueError(f"mode must be 'finetune' or 'linear', not {self.mode!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
+        require(
+            0 < self.probe_fraction < 1,
+            "--probe-fraction",
+            self.probe_fraction,
+            "must be in (0, 1): both phases need steps",
+        )
         if self.balance not in ("weighted_loss", "sampler", "none"):
             raise ValueError(
                 f"balance must be weighted_loss, sampler or none, not {self.balance!r}"
@@ -127,6 +140,9 @@ class FinetuneConfig:
             "must be in [0, 1)",
         )
         at_least(self.max_val_images, 0, "--max-val-images")
+
+
+MODES = ("finetune", "linear", "probe_finetune")
 
 
 @dataclass
@@ -304,6 +320,8 @@ class ClassifyTask(SupervisedTask):
             log.info("k-fold: no validation split; the last step is kept (no early stopping)")
             select = "last"
         self.select = select
+        if config.mode == "probe_finetune":
+            self.probe_fraction = config.probe_fraction
 
     def build_model(self) -> tuple[nn.Module, dict[str, Any]]:
         model, init_info = build_classifier(

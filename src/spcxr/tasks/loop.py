@@ -230,6 +230,18 @@ class FitResult:
     seconds: float
 
 
+def phase_lr(
+    step: int, total: int, probe_steps: int, base: float, final: float, warmup: int
+) -> float:
+    """The learning rate at ``step``: a warm-up and cosine over the run, or, with a probe phase
+    of ``probe_steps``, one over the probe phase and another over the rest. Warm-ups are capped
+    at a quarter of their phase (tiny budgets never spend a phase warming up)."""
+    if step < probe_steps:
+        return cosine_schedule(step, probe_steps, base, final, min(warmup, probe_steps // 4))
+    length = total - probe_steps
+    return cosine_schedule(step - probe_steps, length, base, final, min(warmup, length // 4))
+
+
 def make_optimizer(
     model: nn.Module, optim: FinetuneOptimConfig, num_layers: int
 ) -> torch.optim.Optimizer:
@@ -261,12 +273,15 @@ class SupervisedTask(ABC):
         select: the validation metric that picks the best state; ``"last"``: nothing is
             validated and the last state is kept (k-fold: the held-out fold is the test set).
         higher_is_better: direction of ``select``.
+        probe_fraction: share of the steps trained with the encoder frozen before the whole
+            model is (probe-then-fine-tune; 0: none). The model must have ``freeze_encoder``.
     """
 
     kind = ""
     with_masks = False
     select = "loss"
     higher_is_better = True
+    probe_fraction = 0.0
     train_rows: np.ndarray
     plan: StepBatches
     model: nn.Module
@@ -343,8 +358,11 @@ def fit(task: SupervisedTask) -> FitResult:
     total = max(math.ceil(config.epochs * spe), config.min_steps, 1)
     eval_every = config.eval_every or max(spe, math.ceil(total / 10))
     warmup = round(config.optim.warmup_epochs * spe)
-    warmup = min(warmup, total // 4)  # tiny budgets: never spend the whole run warming up
     base_lr = config.optim.lr * plan.batch_size / 256.0
+    # Probe-then-fine-tune: two phases, each with its own warm-up and cosine (a restart).
+    probe_steps = round(task.probe_fraction * total) if task.probe_fraction else 0
+    # The optimiser holds every parameter; a frozen encoder has no gradients, so AdamW skips it
+    # (no update, no weight decay) until it is unfrozen.
     optimizer = make_optimizer(model, config.optim, len(model.encoder.blocks))
     precision = resolve_precision(config.precision, device, flag="--train-precision")
 
@@ -373,11 +391,16 @@ def fit(task: SupervisedTask) -> FitResult:
         batches = store_batches(
             task.store, plan, step, total, workers=config.workers, masks=task.with_masks
         )
+        if probe_steps:
+            model.freeze_encoder(step < probe_steps)
         model.train()
         while step < total:
             batch = next(batches)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            lr = cosine_schedule(step, total, base_lr, config.optim.min_lr, warmup)
+            if probe_steps and step == probe_steps:
+                model.freeze_encoder(False)
+                log.info("step %d: encoder unfrozen (fine-tuning after the probe phase)", step)
+            lr = phase_lr(step, total, probe_steps, base_lr, config.optim.min_lr, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             # Stochastic depth and dropout draw from the global RNG: reseed per step (resume).
@@ -438,7 +461,8 @@ def fit(task: SupervisedTask) -> FitResult:
                     },
                     ckpt_path,
                 )
-                if config.patience and bad_evals >= config.patience:
+                # Never stop in the probe phase: the fine-tuning phase has not been tried yet.
+                if config.patience and bad_evals >= config.patience and step > probe_steps:
                     stopped_early = True
                     log.info(
                         "early stop at step %d (best %s %.4f at step %d)",
