@@ -197,6 +197,8 @@ def test_tiny_study_keeps_external_test_out_and_pairs_draws(
                 "external_sources": ["ext"],
                 "labels": {"column": "label", "classes": ["normal", "abnormal"]},
                 "budgets": ["3/class", "all"],
+                # scratch's own recipe: here the shared one, restated (the page must say so)
+                "init_settings": {"scratch": {"label_smoothing": 0.1}},
             }
         ],
     }
@@ -259,6 +261,10 @@ def test_tiny_study_keeps_external_test_out_and_pairs_draws(
     page = (tmp_path / "results" / "RESULTS.md").read_text()
     assert "Paired differences" in page and "Label draws" in page and "ext (external)" in page
     assert "never pretrained on: ext" in page
+    assert (
+        'Settings of `scratch` runs only (its own recipe, chosen on validation): `{"label_smoothing": 0.1}`'
+        in page
+    )
     assert "## Summary: where GMML helps" in page and "| gmml - scratch | 3/class |" in page
 
     # Resumed, the study neither retrains nor re-scores: its reports are up to date.

@@ -173,6 +173,11 @@ def _task_section(
         f"{', '.join(task.budgets)}; initialisations: {', '.join(config.inits)}; "
         f"label draws per budget below all: {_seeds_text(config, task)}.",
         f"- Settings: `{json.dumps(settings, sort_keys=True)}`.",
+        *(
+            f"- Settings of `{init}` runs only (its own recipe, chosen on validation): "
+            f"`{json.dumps(extra, sort_keys=True)}`."
+            for init, extra in task.init_settings.items()
+        ),
         f"- Compute: {len(runs)} runs, {seconds / 60:.1f} min of training in total.",
         "",
     ]
