@@ -266,6 +266,19 @@ def test_tiny_study_keeps_external_test_out_and_pairs_draws(
         in page
     )
     assert "## Summary: where GMML helps" in page and "| gmml - scratch | 3/class |" in page
+    # a study that compares only NAME=PATH encoders (no `gmml`) still gets its page
+    import dataclasses
+
+    from spcxr.study.page import write_results_page
+
+    named = dataclasses.replace(
+        study.config,
+        inits=["scratch", f"enc={study.pretrain_dir}"],
+        results=str(tmp_path / "results_named"),
+    )
+    other = write_results_page(named, None, []).read_text()
+    assert "The study's own GMML run is not compared here" in other
+    assert f"| `enc` | `{study.pretrain_dir}` |" in other and "| `gmml` |" not in other
 
     # Resumed, the study neither retrains nor re-scores: its reports are up to date.
     import spcxr.tasks.evaluate as evaluate_module

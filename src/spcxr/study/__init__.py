@@ -293,7 +293,7 @@ class Study:
         summary["seconds"] = round(time.perf_counter() - start, 1)
         if self.config.stop_after == "train":
             return summary
-        if self.config.results and self.pretrain_dir is not None:
+        if self.config.results:
             page = write_results_page(self.config, self.pretrain_dir, self.missing)
             summary["results_page"] = str(page)
         return summary

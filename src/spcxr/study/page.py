@@ -24,11 +24,12 @@ def _fmt(entry: dict[str, Any] | None) -> str:
     return ci_text(entry)
 
 
-def write_results_page(config: StudyConfig, pretrain_dir: Path, missing: list[str]) -> Path:
+def write_results_page(config: StudyConfig, pretrain_dir: Path | None, missing: list[str]) -> Path:
     """The study's results page (markdown + plots) in ``config.results``.
 
-    ``pretrain_dir`` is the GMML run the tasks started from; ``missing`` lists the runs left out
-    because they had not finished.
+    ``pretrain_dir`` is the study's own GMML run the tasks started from (None: ``gmml`` is not
+    among the initialisations, only ``NAME=PATH`` encoders are); ``missing`` lists the runs left
+    out because they had not finished.
     """
     from spcxr.data.store import PreparedStore
 
@@ -38,7 +39,7 @@ def write_results_page(config: StudyConfig, pretrain_dir: Path, missing: list[st
     (dest / "plots").mkdir(parents=True, exist_ok=True)
     store = PreparedStore(store_dir)
     pre = pretrain_dir
-    pre_info, pre_cfg, losses = _read_pretrain_run(pre)
+    pre_info, pre_cfg, losses = _read_pretrain_run(pre) if pre else ({}, {}, [])
     m = store.manifest
     lines = [
         f"# Study results: variant `{config.variant}`",
@@ -102,10 +103,15 @@ def write_results_page(config: StudyConfig, pretrain_dir: Path, missing: list[st
                 f"- Masked L1: {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} "
                 f"(step {last['step']}); {np.mean([x['views_per_s'] for x in losses]):.0f} views/s."
             )
-        previews = sorted((pre / "previews").glob("*.png"))
+        previews = sorted((pre / "previews").glob("*.png")) if pre else []
         if previews:
             shutil.copy(previews[-1], dest / "plots" / "pretrain_preview.png")
             lines.append("\n![reconstruction preview](plots/pretrain_preview.png)")
+    elif pre is None:
+        lines.append(
+            "- The study's own GMML run is not compared here: the GMML initialisations are the "
+            "encoders listed below."
+        )
     lines += _other_encoders(config, pretrain_dir)
     lines.append("")
     reports = {}
@@ -380,14 +386,15 @@ def pretrain_compute(run: Path) -> dict[str, Any]:
     }
 
 
-def _other_encoders(config: StudyConfig, pretrain_dir: Path) -> list[str]:
-    """The ``NAME=PATH`` initialisations beside the study's own GMML encoder: which encoder
-    each is and what its pretraining cost."""
+def _other_encoders(config: StudyConfig, pretrain_dir: Path | None) -> list[str]:
+    """The ``NAME=PATH`` initialisations (beside the study's own GMML encoder when it is
+    compared): which encoder each is and what its pretraining cost."""
     named = [(name, path) for name, path in map(split_init, config.inits) if path]
     if not named:
         return []
+    own = [("gmml", str(pretrain_dir))] if pretrain_dir and "gmml" in config.inits else []
     rows = []
-    for name, path in [("gmml", str(pretrain_dir)), *named]:
+    for name, path in [*own, *named]:
         run = Path(path)
         if run.is_file():  # an encoder file: its pretraining run is two folders up
             run = run.parent.parent if run.parent.name == "encoder" else run.parent
