@@ -49,8 +49,9 @@ def test_sweep_runs_every_setting_on_the_same_draws_and_chooses_per_init(
     )
     result = sweep(config)
     table = pd.read_csv(out / "sweep.csv")
-    assert len(table) == 2 * 2 * 2  # inits x settings x draws
-    assert set(table["setting"]) == {"lr=0.0001", "lr=0.003"}
+    # the base recipe's lr (2e-3) is run too: a choice is compared with what it replaces
+    assert len(table) == 2 * 3 * 2  # inits x settings x draws
+    assert set(table["setting"]) == {"lr=0.0001", "lr=0.003", "lr=0.002"}
     for _, row in table.iterrows():
         saved = json.loads(
             (out / row["init"] / row["setting"] / f"draw-{row['draw']}" / "run.json").read_text()
@@ -71,6 +72,8 @@ def test_sweep_runs_every_setting_on_the_same_draws_and_chooses_per_init(
         assert best["init"] == "scratch"
     page = (out / "sweep.md").read_text()
     assert "never read" in page and f"chosen `{result['chosen']['scratch']}`" in page
+    assert page.count("| `lr=0.002` (base recipe) |") == 2
+    assert "`train.optim.lr` in [0.0001, 0.003, 0.002]" in page
 
     # a second call trains nothing: every run is finished
     def fail(*_a, **_k):

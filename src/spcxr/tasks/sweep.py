@@ -60,6 +60,9 @@ class SweepConfig:
             is run. Values are numbers, booleans or words.
         budget: the label budget of every run (``20/class``, ``all``, ...).
         budget_seeds: label draws per setting (the same draws for every setting and init).
+        include_base: also run the base recipe's own values of the grid's keys when they are
+            not one of the grid's combinations, so that a choice is always compared with the
+            recipe it would replace (marked ``(base recipe)`` in ``sweep.md``).
     """
 
     base: str = ""
@@ -70,6 +73,7 @@ class SweepConfig:
     grid: list[str] = field(default_factory=list)
     budget: str = "20/class"
     budget_seeds: str = "0-2"
+    include_base: bool = True
 
     def validate(self) -> None:
         """Raises ValueError naming the flag of a missing or wrong setting."""
@@ -155,6 +159,11 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     base_cfg = load_yaml(cls, config.base)  # checks the base recipe before any run
     grid = parse_grid(config.grid, cls)
     combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    base_setting = {key: _get_dotted(to_dict(base_cfg), key) for key in grid}
+    if config.include_base and base_setting not in combos:
+        combos.append(base_setting)
+        for key, value in base_setting.items():
+            grid[key] = [*grid[key], value] if value not in grid[key] else grid[key]
     seeds = parse_seeds(config.budget_seeds)
     inits = [_init_name(spec) for spec in config.inits]
     if len({name for name, _ in inits}) != len(inits):
@@ -210,7 +219,8 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
         "chosen": {name: row["setting"] for name, row in chosen.items()},
     }
     atomic_write_text(out / "sweep.json", json.dumps(result, indent=2, default=str))
-    atomic_write_text(out / "sweep.md", "\n".join(_page(config, grid, seeds, ranked, chosen)))
+    page = _page(config, grid, seeds, ranked, chosen, setting_name(base_setting))
+    atomic_write_text(out / "sweep.md", "\n".join(page))
     return {**result, "table": table, "ranked": ranked}
 
 
@@ -241,7 +251,14 @@ def _rank(table: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, dict[str,
     return ranked.drop(columns="score"), chosen
 
 
-def _page(config, grid, seeds, ranked: pd.DataFrame, chosen) -> list[str]:
+def _get_dotted(data: dict[str, Any], dotted: str) -> Any:
+    """The value at a dotted key of a nested dict (``train.optim.lr``); lists as lists."""
+    for part in dotted.split("."):
+        data = data[part]
+    return list(data) if isinstance(data, tuple) else data
+
+
+def _page(config, grid, seeds, ranked: pd.DataFrame, chosen, base_label: str) -> list[str]:
     lines = [
         "# spcxr sweep",
         "",
@@ -269,7 +286,8 @@ def _page(config, grid, seeds, ranked: pd.DataFrame, chosen) -> list[str]:
                 ],
                 [
                     (
-                        f"`{r['setting']}`",
+                        f"`{r['setting']}`"
+                        + (" (base recipe)" if r["setting"] == base_label else ""),
                         f"{r['mean']:.4f}",
                         f"{r['sd']:.4f}",
                         r["per_draw"],
