@@ -399,6 +399,7 @@ def fit(task: SupervisedTask) -> FitResult:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if probe_steps and step == probe_steps:
                 model.freeze_encoder(False)
+                bad_evals = 0  # patience counts from the start of fine-tuning
                 log.info("step %d: encoder unfrozen (fine-tuning after the probe phase)", step)
             lr = phase_lr(step, total, probe_steps, base_lr, config.optim.min_lr, warmup)
             for group in optimizer.param_groups:
