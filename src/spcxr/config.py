@@ -152,6 +152,14 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     data[parts[-1]] = value
 
 
+def get_dotted(data: dict[str, Any], dotted: str) -> Any:
+    """``data["train"]["optim"]["lr"]`` for ``dotted`` ``train.optim.lr`` (tuples as lists, as
+    YAML and the grid spell them)."""
+    for part in dotted.split("."):
+        data = data[part]
+    return list(data) if isinstance(data, tuple) else data
+
+
 def _flatten_yaml(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
     """Accept nested or flat (flag-spelled) YAML keys; reject unknown keys."""
     leaves = {dotted for dotted, *_ in _walk(cls)}

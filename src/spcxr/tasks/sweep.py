@@ -31,7 +31,7 @@ import yaml
 
 from spcxr import markdown
 from spcxr.atomic import atomic_write_text
-from spcxr.config import config_keys, from_dict, load_yaml, set_dotted, to_dict
+from spcxr.config import config_keys, from_dict, get_dotted, load_yaml, set_dotted, to_dict
 from spcxr.tasks.loop import draw_dir, parse_seeds, run_finished
 from spcxr.versions import library_versions
 
@@ -159,11 +159,13 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     base_cfg = load_yaml(cls, config.base)  # checks the base recipe before any run
     grid = parse_grid(config.grid, cls)
     combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-    base_setting = {key: _get_dotted(to_dict(base_cfg), key) for key in grid}
+    base_data = to_dict(base_cfg)
+    base_setting = {key: get_dotted(base_data, key) for key in grid}
     if config.include_base and base_setting not in combos:
         combos.append(base_setting)
         for key, value in base_setting.items():
-            grid[key] = [*grid[key], value] if value not in grid[key] else grid[key]
+            if value not in grid[key]:
+                grid[key].append(value)
     seeds = parse_seeds(config.budget_seeds)
     inits = [_init_name(spec) for spec in config.inits]
     if len({name for name, _ in inits}) != len(inits):
@@ -249,13 +251,6 @@ def _rank(table: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, dict[str,
     ranked = ranked.sort_values(["init", "score"], ascending=[True, False], kind="stable")
     chosen = {init: part.iloc[0] for init, part in ranked.groupby("init", sort=False)}
     return ranked.drop(columns="score"), chosen
-
-
-def _get_dotted(data: dict[str, Any], dotted: str) -> Any:
-    """The value at a dotted key of a nested dict (``train.optim.lr``); lists as lists."""
-    for part in dotted.split("."):
-        data = data[part]
-    return list(data) if isinstance(data, tuple) else data
 
 
 def _page(config, grid, seeds, ranked: pd.DataFrame, chosen, base_label: str) -> list[str]:
