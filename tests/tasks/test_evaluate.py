@@ -134,6 +134,38 @@ def test_draw_tables_and_paired_comparisons_match_direct_computation() -> None:
     assert "| unpaired |" in text and "| paired | 5 |" in text and "ext (external)" in text
 
 
+def test_repeated_training_seeds_on_one_draw_are_paired_seed_by_seed() -> None:
+    """All-label runs repeated with training seeds 0, 1, 2 share one label draw: each seed is
+    paired with the same seed of scratch (a t interval over 3), none is dropped."""
+    from scipy import stats
+
+    from spcxr.tasks.evaluate import draw_tables, paired_comparisons
+
+    gx, sx = np.array([0.91, 0.90, 0.88]), np.array([0.83, 0.82, 0.84])
+    runs = []
+    for init, values in (("gmml", gx), ("scratch", sx)):
+        for train_seed, value in enumerate(values):
+            entry = _entry(init, "all", 0, value, value, 900)
+            entry["run"] += f"_seed{train_seed}"
+            entry["train_seed"] = train_seed
+            runs.append(entry)
+    results = {"runs": {Path(e["run"]).name: e for e in runs}}
+    d = next(
+        p["difference"]
+        for p in paired_comparisons(results, 0.95)
+        if p["tested_on"] == "ext" and p["metric"] == "accuracy"
+    )
+    ci = stats.ttest_rel(gx, sx).confidence_interval(0.95)
+    assert d["paired"] and d["n"] == 3
+    assert (d["value"], d["low"], d["high"]) == pytest.approx(((gx - sx).mean(), ci.low, ci.high))
+    draws = {r["draw"] for t in draw_tables(results, 0.95) for r in t["runs"]}
+    # the default training seed keeps the plain label (pages of earlier studies read the same)
+    assert draws == {"seed 0", "seed 0, training seed 1", "seed 0, training seed 2"}
+    from spcxr.tasks.report import draws_section
+
+    assert "another training seed" in "\n".join(draws_section(draw_tables(results, 0.95)))
+
+
 def test_two_gmml_encoders_are_two_initialisations() -> None:
     """GMML runs from encoders pretrained for different lengths are never pooled: each gets
     its own name (from its pretraining epochs) and its own paired difference to scratch."""

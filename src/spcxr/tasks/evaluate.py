@@ -247,6 +247,7 @@ def _evaluate_classifier(
         "train": info["data"]["train"],
         "budget": info["data"].get("budget", "all"),
         "budget_seed": info["data"].get("budget_seed"),
+        "train_seed": info.get("seed"),
         "fold": info["data"].get("fold"),
         "train_sources": sorted(
             info["data"]["train"].get(config.group_by + "s") or info["data"]["train"]["sources"]
@@ -537,12 +538,19 @@ DRAW_METRICS = {
 
 
 def _draw_key(entry: dict) -> str:
-    """What pairs two runs: their label draw (budget seed) and, for k-fold, their fold."""
+    """What pairs two runs: their label draw (budget seed), for k-fold their fold, and their
+    training seed when it is not the default 0 (repeated training seeds on one label draw,
+    e.g. with all labels, are repetitions: paired seed with seed, never collapsed into one)."""
     seed = entry.get("budget_seed")
     if seed is None:  # a run from before budget seeds were recorded: never paired
         return f"run:{entry['run']}"
     fold = entry.get("fold")
-    return f"seed {seed}" + (f", fold {fold['fold']}" if fold else "")
+    train_seed = entry.get("train_seed") or 0
+    return (
+        f"seed {seed}"
+        + (f", fold {fold['fold']}" if fold else "")
+        + (f", training seed {train_seed}" if train_seed else "")
+    )
 
 
 def draw_tables(results: dict, level: float) -> list[dict[str, Any]]:

@@ -198,6 +198,11 @@ def draws_section(tables: list[dict[str, Any]]) -> list[str]:
         "the mean. Accuracies in %.",
         "",
     ]
+    if any("training seed" in r["draw"] for t in tables for r in t["runs"]):
+        lines[2] += (
+            " Runs repeated on one draw with another training seed are named by it and "
+            "paired with scratch seed by seed."
+        )
     header = ["setting", "budget", "tested on", "test images (patients)", "metric", "draws"]
     header += ["per draw [bootstrap CI]", "mean [95% t interval]", "SD", "range"]
     rows = []

@@ -373,6 +373,7 @@ def evaluate_segmentation_run(
         "mode": "frozen encoder" if meta["config"].get("freeze") == "all" else "finetune",
         "budget": info["data"].get("budget", "all"),
         "budget_seed": info["data"].get("budget_seed"),
+        "train_seed": info.get("seed"),
         "train": info["data"]["train"],
         "train_sources": sorted(info["data"]["train"]["sources"]),
         "eval": {},
