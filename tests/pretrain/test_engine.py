@@ -327,3 +327,17 @@ def test_gradient_accumulation_sees_the_whole_batch_per_step(
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
     with pytest.raises(ValueError, match="accumulation"):
         Pretrainer(_config(tiny_store, tmp_path / "bad", accum_steps=3))
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in (Path(__file__).parents[2] / "configs").glob("pretrain_*.yaml"))
+)
+def test_the_shipped_long_cpu_pretraining_configs_are_valid_and_resumable(name: str) -> None:
+    """Every shipped long-run config loads (its settings pass validation) and runs in
+    resumable, time-budgeted pieces with the feature monitor on (issue 14, point 3)."""
+    from spcxr.config import load_yaml
+    from spcxr.pretrain.engine import PretrainConfig
+
+    config = load_yaml(PretrainConfig, Path(__file__).parents[2] / "configs" / name)
+    assert config.resume and config.time_budget and config.monitor_every > 0
+    assert config.store == "runs/study_cpu/store" and config.splits == ["train"]
