@@ -140,6 +140,7 @@ def test_repeated_training_seeds_on_one_draw_are_paired_seed_by_seed() -> None:
     from scipy import stats
 
     from spcxr.tasks.evaluate import draw_tables, paired_comparisons
+    from spcxr.tasks.report import draws_section
 
     gx, sx = np.array([0.91, 0.90, 0.88]), np.array([0.83, 0.82, 0.84])
     runs = []
@@ -158,12 +159,11 @@ def test_repeated_training_seeds_on_one_draw_are_paired_seed_by_seed() -> None:
     ci = stats.ttest_rel(gx, sx).confidence_interval(0.95)
     assert d["paired"] and d["n"] == 3
     assert (d["value"], d["low"], d["high"]) == pytest.approx(((gx - sx).mean(), ci.low, ci.high))
-    draws = {r["draw"] for t in draw_tables(results, 0.95) for r in t["runs"]}
+    tables = draw_tables(results, 0.95)
+    draws = {r["draw"] for t in tables for r in t["runs"]}
     # the default training seed keeps the plain label (pages of earlier studies read the same)
     assert draws == {"seed 0", "seed 0, training seed 1", "seed 0, training seed 2"}
-    from spcxr.tasks.report import draws_section
-
-    assert "another training seed" in "\n".join(draws_section(draw_tables(results, 0.95)))
+    assert "another training seed" in "\n".join(draws_section(tables))
 
 
 def test_two_gmml_encoders_are_two_initialisations() -> None:

@@ -570,6 +570,7 @@ def draw_tables(results: dict, level: float) -> list[dict[str, Any]]:
                 runs = [
                     {
                         "draw": _draw_key(e),
+                        "train_seed": e.get("train_seed") or 0,
                         "run": e["run"],
                         "train_images": e["train"]["images"],
                         "train_patients": e["train"]["patients"],

@@ -198,7 +198,7 @@ def draws_section(tables: list[dict[str, Any]]) -> list[str]:
         "the mean. Accuracies in %.",
         "",
     ]
-    if any("training seed" in r["draw"] for t in tables for r in t["runs"]):
+    if any(r.get("train_seed") for t in tables for r in t["runs"]):
         lines[2] += (
             " Runs repeated on one draw with another training seed are named by it and "
             "paired with scratch seed by seed."
