@@ -39,8 +39,8 @@ def spcxr(*args: str, cwd: Path, expect: int = 0) -> subprocess.CompletedProcess
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("console")
+def work(module_dir) -> Path:
+    root = module_dir("console")
     spcxr("synth", "--out", "synth", "--n-patients", "24", "--size", "96", "--seed", "3", cwd=root)
     return root
 

@@ -24,13 +24,13 @@ ort = pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def class_run(synth_store, tmp_path_factory) -> Path:
-    return make_class_run(synth_store, tmp_path_factory.mktemp("export") / "cls")
+def class_run(synth_store, module_dir) -> Path:
+    return make_class_run(synth_store, module_dir("export") / "cls")
 
 
 @pytest.fixture(scope="module")
-def seg_run(synth_store, tmp_path_factory) -> Path:
-    return make_seg_run(synth_store, tmp_path_factory.mktemp("export") / "seg")
+def seg_run(synth_store, module_dir) -> Path:
+    return make_seg_run(synth_store, module_dir("export") / "seg")
 
 
 def _store_inputs(store_path: Path, n: int, img_size: int) -> torch.Tensor:

@@ -567,8 +567,8 @@ def test_prepare_refuses_images_over_max_pixels_with_a_row(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def class_run(synth_store, tmp_path_factory) -> Path:
-    return make_class_run(synth_store, tmp_path_factory.mktemp("faults") / "cls")
+def class_run(synth_store, module_dir) -> Path:
+    return make_class_run(synth_store, module_dir("faults") / "cls")
 
 
 def _predict_argv(run: Path, out: Path, *inputs: str, extra: tuple[str, ...] = ()) -> list[str]:

@@ -230,9 +230,9 @@ def test_evaluate_bad_device_and_level_are_usage_errors(tmp_path, capsys, monkey
 
 
 @pytest.fixture(scope="module")
-def class_run(synth_store, tmp_path_factory) -> Path:
+def class_run(synth_store, module_dir) -> Path:
     """A finished 6-step classification run on the synthetic store."""
-    run = tmp_path_factory.mktemp("faults") / "class_run"
+    run = module_dir("faults") / "class_run"
     assert main(["finetune", "--store", str(synth_store), "--out", str(run), *FINETUNE]) == 0
     return run
 

@@ -144,11 +144,11 @@ def test_pretraining_record_and_images_seen(tmp_path) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_source_store(tmp_path_factory) -> Path:
+def two_source_store(module_dir) -> Path:
     """Every 'normal' image from source a, every 'abnormal' one from source b."""
     from spcxr.data.prepare import PrepareConfig, prepare
 
-    root = tmp_path_factory.mktemp("shortcut")
+    root = module_dir("shortcut")
     write_smooth_images(root / "all", n_patients=12, size=32)
     for source, label in (("A", "normal"), ("B", "abnormal")):
         (root / source).mkdir()

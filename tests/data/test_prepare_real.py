@@ -22,11 +22,11 @@ def _prepare(sources: list[str], out: Path, **kwargs) -> PreparedStore:
 
 
 @pytest.fixture(scope="module")
-def kermany(shared_data: Path, tmp_path_factory) -> PreparedStore:
+def kermany(shared_data: Path, module_dir) -> PreparedStore:
     # The official train folder only: test/ is external test A, never prepared with training data.
     return _prepare(
         [f"kermany_pediatric=folder:{shared_data / 'kermany_pediatric/train'}"],
-        tmp_path_factory.mktemp("k") / "store",
+        module_dir("k") / "store",
     )
 
 

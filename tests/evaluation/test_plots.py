@@ -134,14 +134,13 @@ def test_segmentation_examples(tmp_path: Path) -> None:
         segmentation_examples(images, true, pred, tmp_path / "bad.png", scores=[0.5])
 
 
-def test_plots_never_import_pyplot() -> None:
+def test_plots_never_import_pyplot(tmp_path: Path) -> None:
     code = (
         "import sys, numpy as np\n"
         "from pathlib import Path\n"
-        "import tempfile\n"
         "from spcxr.evaluation.plots import roc_curves\n"
         "y = np.array([0, 1, 0, 1]); p = np.array([[.8, .2], [.3, .7], [.6, .4], [.1, .9]])\n"
-        "roc_curves(y, p, ['a', 'b'], Path(tempfile.mkdtemp()) / 'r.png')\n"
+        f"roc_curves(y, p, ['a', 'b'], Path({str(tmp_path)!r}) / 'r.png')\n"
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -69,13 +69,13 @@ def make_seg_run(store: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def class_run(synth_store, tmp_path_factory) -> Path:
-    return make_class_run(synth_store, tmp_path_factory.mktemp("predict") / "cls")
+def class_run(synth_store, module_dir) -> Path:
+    return make_class_run(synth_store, module_dir("predict") / "cls")
 
 
 @pytest.fixture(scope="module")
-def seg_run(synth_store, tmp_path_factory) -> Path:
-    return make_seg_run(synth_store, tmp_path_factory.mktemp("predict") / "seg")
+def seg_run(synth_store, module_dir) -> Path:
+    return make_seg_run(synth_store, module_dir("predict") / "seg")
 
 
 def _png(path: Path, shape: tuple[int, int], seed: int = 0) -> Path:

@@ -27,9 +27,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def gmml_run(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def gmml_run(tiny_store: Path, module_dir) -> Path:
     """A real 2-step GMML run (ViT-Ti/8 at 32 px) on the tiny synthetic store."""
-    run = tmp_path_factory.mktemp("gmml") / "run"
+    run = module_dir("gmml") / "run"
     pretrain(
         PretrainConfig(
             store=str(tiny_store),

@@ -60,9 +60,9 @@ def test_scores_separate_clusters_and_sit_at_chance_on_random_labels() -> None:
 
 
 @pytest.fixture(scope="module")
-def bright_store(tmp_path_factory) -> Path:
+def bright_store(module_dir) -> Path:
     """Labels that pixels show: "bright" images are lighter than "dark" ones (40 px)."""
-    root = tmp_path_factory.mktemp("bright")
+    root = module_dir("bright")
     rng = np.random.default_rng(0)
     for p in range(60):
         label = "bright" if p % 2 else "dark"
