@@ -10,6 +10,7 @@ import importlib
 import json
 import logging
 import shlex
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,14 +69,21 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     config = resolve(PretrainConfig, args)
     result = pretrain(config)
     if result.budget_stop:
-        flag = "--" + result.budget_stop.replace("_", "-")
         again = [a for a in args.argv if a != "--no-resume"]
         if "--resume" not in again:
             again.append("--resume")
+        if result.budget_stop.startswith("SIG"):
+            why = f"stopped by {result.budget_stop}"
+        else:
+            why = "--" + result.budget_stop.replace("_", "-") + " spent"
         print(
-            f"run {result.run_dir}: {flag} spent at step {result.steps} of {result.total_steps}; "
+            f"run {result.run_dir}: {why} at step {result.steps} of {result.total_steps}; "
             f"checkpoint saved. Continue with: spcxr {shlex.join(again)}"
         )
+        if result.budget_stop.startswith("SIG"):
+            # The shell's convention for a process ended by a signal (130 Ctrl-C, 143 SIGTERM),
+            # so that a script or scheduler sees the run did not finish; nothing was lost.
+            return 128 + int(signal.Signals[result.budget_stop])
         return 0
     if result.losses:
         first, last = result.losses[0], result.losses[-1]

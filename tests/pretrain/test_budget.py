@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import tiny_pretrain_config
+from tests.conftest import console_script, tiny_pretrain_config
 
 from spcxr.cli import main
-from spcxr.pretrain.engine import PretrainConfig, parse_duration, pretrain
+from spcxr.pretrain.engine import PretrainConfig, Pretrainer, parse_duration, pretrain
 from spcxr.train.checkpoint import load_checkpoint
 
 
@@ -65,6 +70,82 @@ def test_pieces_by_step_budget_end_bitwise_identical(tiny_store: Path, tmp_path:
     enc_b = load_file(done[-1].encoder_path)
     assert enc_a.keys() == enc_b.keys()
     assert all(torch.equal(enc_a[k], enc_b[k]) for k in enc_a)
+
+
+def _signal_at_step(monkeypatch, step: int, *signums: int) -> None:
+    """Deliver ``signums`` to this process while optimisation step ``step`` (1-based) runs."""
+    original = Pretrainer.train_step
+    calls = {"n": 0}
+
+    def train_step(self, batches):
+        calls["n"] += 1
+        if calls["n"] == step:
+            for signum in signums:
+                os.kill(os.getpid(), signum)
+        return original(self, batches)
+
+    monkeypatch.setattr(Pretrainer, "train_step", train_step)
+
+
+def test_sigterm_ends_the_step_checkpoints_there_and_resumes_bitwise(
+    tiny_store: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A scheduler's SIGTERM at step 3: the step completes, the checkpoint holds step 3 (not the
+    last periodic one: checkpoint_every is 1000), and the resumed run equals an uninterrupted one."""
+    whole = pretrain(_config(tiny_store, tmp_path / "whole"))
+    before = signal.getsignal(signal.SIGTERM)
+    _signal_at_step(monkeypatch, 3, signal.SIGTERM)
+    cut = pretrain(_config(tiny_store, tmp_path / "cut"))
+    assert cut.budget_stop == "SIGTERM" and cut.steps == 3 and cut.encoder_path is None
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is only there during the run
+    monkeypatch.undo()
+    resumed = pretrain(_config(tiny_store, tmp_path / "cut", resume=True))
+    assert resumed.budget_stop is None and resumed.steps == whole.steps
+    a = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_ctrl_c_stops_at_once(tiny_store: Path, tmp_path: Path, monkeypatch) -> None:
+    """One Ctrl-C asks for a checkpointed stop; a second one does not wait for it."""
+    before = signal.getsignal(signal.SIGINT)
+    _signal_at_step(monkeypatch, 2, signal.SIGINT, signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt, match="second interrupt"):
+        pretrain(_config(tiny_store, tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()  # no checkpoint was due yet
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_cli_sigterm_exits_143_with_the_checkpoint_at_the_last_step(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    """The installed script, stopped by SIGTERM mid-run as a cluster scheduler would."""
+    run = tmp_path / "run"
+    argv = [
+        console_script(), "pretrain", "--store", str(tiny_store), "--out", str(run),
+        "--model-arch", "vit_tiny", "--model-img-size", "32", "--model-patch-size", "8",
+        "--batch-size", "8", "--device", "cpu", "--precision", "fp32", "--workers", "0",
+        "--max-steps", "100000", "--log-every", "1", "--checkpoint-every", "100000",
+        "--no-progress", "--no-tensorboard",
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "log.jsonl").is_file() or not (run / "log.jsonl").read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    step = load_checkpoint(run / "checkpoint.pt")["step"]
+    logged = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert step >= 1 and step >= max(logged)
+    assert f"stopped by SIGTERM at step {step} of 100000; checkpoint saved." in out
+    assert out.strip().endswith("--no-tensorboard --resume")
 
 
 def test_cli_time_budget_exits_zero_with_the_resume_command(

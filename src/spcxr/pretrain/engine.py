@@ -15,7 +15,9 @@ the loss is computed in float32 either way.
 
 Long runs go in pieces: ``time_budget`` (or ``step_budget``) ends an invocation with a checkpoint
 and exit status 0, and the same command with ``--resume`` continues it, bitwise as if it had never
-stopped. ``monitor_every`` scores the frozen features on labelled validation images along the way
+stopped. SIGTERM (a scheduler pre-empting the job) and Ctrl-C do the same: the step in progress
+ends, the checkpoint is written at it, and the CLI exits 143 / 130 (:mod:`spcxr.train.signals`).
+``monitor_every`` scores the frozen features on labelled validation images along the way
 (:mod:`spcxr.pretrain.monitor`).
 
 Fast path (each a :class:`PretrainConfig` flag whose default ``None`` means "on CUDA, off on the
@@ -38,6 +40,7 @@ import logging
 import math
 import platform
 import re
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +74,7 @@ from spcxr.train import distributed
 from spcxr.train.checkpoint import load_checkpoint, save_checkpoint
 from spcxr.train.logging import RunLogger
 from spcxr.train.schedule import cosine_schedule
+from spcxr.train.signals import StopRequest, stop_on_signals
 from spcxr.versions import library_versions
 
 log = logging.getLogger(__name__)
@@ -312,7 +316,8 @@ class PretrainResult:
     encoder_path: Path | None
     total_steps: int = 0
     budget_stop: str | None = None
-    """Why this invocation stopped before the end (``time_budget`` / ``step_budget``), else None."""
+    """Why this invocation stopped before the end (``time_budget`` / ``step_budget``, or the
+    signal that asked for a stop: ``SIGTERM`` / ``SIGINT``), else None."""
 
 
 @dataclass
@@ -332,7 +337,8 @@ class _Invocation:
         window_start: ``time.perf_counter()`` at the start of the window.
         views_per_s: throughput of the last logged window.
         losses: ``(step, mean loss)`` of each log line.
-        budget_stop: ``"time_budget"`` / ``"step_budget"`` once spent.
+        budget_stop: ``"time_budget"`` / ``"step_budget"`` once spent, ``"SIGTERM"`` /
+            ``"SIGINT"`` once such a signal asked for a stop.
     """
 
     logger: RunLogger
@@ -755,11 +761,22 @@ class Pretrainer:
 
     def run(self) -> PretrainResult:
         """Trains from ``self.step`` to the end of the run, or until this invocation's budget."""
-        config = self.config
         self._write_run_info()
         run = self._start_invocation()
         step_batches = self.batches()
         self.model.train()
+        # SIGTERM (a scheduler's pre-emption) / Ctrl-C end the step, checkpoint there and return.
+        with stop_on_signals() as stop:
+            self._loop(run, step_batches, stop)
+        return self._finish(run)
+
+    def _loop(
+        self,
+        run: _Invocation,
+        step_batches: Iterator[Sequence[Tensor | PreparedBatch]],
+        stop: StopRequest,
+    ) -> None:
+        config = self.config
         try:
             while self.step < self.total_steps:
                 run.wait.waiting()
@@ -773,7 +790,7 @@ class Pretrainer:
                     self._log(run, lr, wd, grad_norm)
                 self._previews_and_monitor(run, done)
                 if not done:
-                    run.budget_stop = self._budget_spent(run.started, run.first_step)
+                    run.budget_stop = self._budget_spent(run.started, run.first_step, stop)
                 if self.step % config.checkpoint_every == 0 or done or run.budget_stop:
                     self._checkpoint(run)
                 if done or run.budget_stop:
@@ -782,7 +799,6 @@ class Pretrainer:
             step_batches.close()  # stops the loader workers
             run.bar.close()
             run.logger.close()
-        return self._finish(run)
 
     def _start_invocation(self) -> _Invocation:
         """The log, progress bar, data-wait meter and loss window of this invocation."""
@@ -872,8 +888,10 @@ class Pretrainer:
         distributed.barrier()
         if run.budget_stop:
             log.info(
-                "%s spent at step %d of %d; checkpoint %s",
-                run.budget_stop,
+                "%s at step %d of %d; checkpoint %s",
+                run.budget_stop
+                if run.budget_stop.startswith("SIG")
+                else run.budget_stop + " spent",
                 self.step,
                 self.total_steps,
                 self.checkpoint_path,
@@ -889,22 +907,35 @@ class Pretrainer:
             budget_stop=run.budget_stop,
         )
 
-    def _budget_spent(self, started: float, first_step: int) -> str | None:
-        """``"time_budget"`` / ``"step_budget"`` when this invocation's budget is spent.
+    def _budget_spent(
+        self, started: float, first_step: int, stop: StopRequest | None = None
+    ) -> str | None:
+        """Why this invocation stops here, if it does: ``"step_budget"``, ``"time_budget"``, or
+        the signal that asked for a stop (``"SIGTERM"`` / ``"SIGINT"``).
 
-        Under torchrun the ranks agree (any rank over its time budget stops all of them), so
-        every process checkpoints and leaves at the same step.
+        Under torchrun the ranks agree (a rank over its time budget, or one that got a signal,
+        stops all of them), so every process checkpoints and leaves at the same step. Without a
+        time budget that agreement costs a host sync, so signals are then only compared every
+        ``log_every`` steps (a log line syncs anyway).
         """
         config = self.config
-        spent = None
         if config.step_budget and self.step - first_step >= config.step_budget:
-            spent = "step_budget"
-        elif self.time_budget is not None:
-            over = float(time.monotonic() - started >= self.time_budget)
-            if self.dist.distributed:
-                over = float(distributed.all_reduce_sum(torch.tensor(over, device=self.device)))
-            spent = "time_budget" if over > 0 else None
-        return spent
+            return "step_budget"  # the same step on every rank: nothing to agree on
+        signum = stop.signum if stop is not None and stop.signum is not None else 0
+        over = self.time_budget is not None and time.monotonic() - started >= self.time_budget
+        if self.dist.distributed:
+            if self.time_budget is None and self.step % config.log_every:
+                return None
+            flags = torch.tensor(
+                [float(over), float(signum > 0), float(signum)], device=self.device
+            )
+            over_n, signalled, signum_sum = distributed.all_reduce_sum(flags).tolist()
+            over = over_n > 0
+            if signalled > 0 and not signum:
+                signum = round(signum_sum / signalled)  # the signal another rank got
+        if signum:
+            return signal.Signals(signum).name
+        return "time_budget" if over else None
 
     def run_monitor(self, logger: RunLogger) -> dict[str, float] | None:
         """Scores the frozen encoder's features (main process); logs them under ``monitor/``."""
