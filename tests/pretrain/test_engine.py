@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -306,6 +307,43 @@ def test_two_process_ddp_matches_one_process(tiny_store: Path, tmp_path: Path) -
     la = [r["loss"] for r in read_log(tmp_path / "one")]
     lb = [r["loss"] for r in read_log(tmp_path / "two")]
     assert la == pytest.approx(lb, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_the_step_where_a_signal_stops_them(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    """SIGTERM to one of two torchrun workers only: both leave at the same step (a rank that
+    stopped alone would leave the other waiting in its next gradient all-reduce forever). Without
+    a time budget the ranks compare signals every ``log_every`` (here 3) steps."""
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--master-port", str(29500 + (os.getpid() + 7) % 1000), "-m", "spcxr", "pretrain",
+        "--store", str(tiny_store), "--out", str(run), *TINY, "--max-steps", "100000",
+        "--checkpoint-every", "100000", "--log-every", "3", "--preview-every", "100000",
+        "--precision", "fp32",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (run / "log.jsonl").is_file() or not (run / "log.jsonl").read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        workers = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert len(workers) == 2, workers
+        os.kill(int(workers[1]), signal.SIGTERM)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    stops = re.findall(r"stopped by SIGTERM at step (\d+) of 100000", out)
+    assert len(stops) == 2 and stops[0] == stops[1], out + err[-3000:]
+    step = int(stops[0])
+    assert step % 3 == 0
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == step
 
 
 def test_gradient_accumulation_sees_the_whole_batch_per_step(
