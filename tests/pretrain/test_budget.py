@@ -120,22 +120,26 @@ def test_a_second_ctrl_c_stops_at_once(tiny_store: Path, tmp_path: Path, monkeyp
 def test_cli_sigterm_exits_143_with_the_checkpoint_at_the_last_step(
     tiny_store: Path, tmp_path: Path
 ) -> None:
-    """The installed script, stopped by SIGTERM mid-run as a cluster scheduler would."""
+    """The installed script, stopped mid-run by SIGTERM to its whole process group, as
+    ``kill -- -PGID`` or a cluster scheduler sends it: the data-loader worker gets it too and must
+    not take the main process down with it (torch aborts when a worker is killed)."""
     run = tmp_path / "run"
     argv = [
         console_script(), "pretrain", "--store", str(tiny_store), "--out", str(run),
         "--model-arch", "vit_tiny", "--model-img-size", "32", "--model-patch-size", "8",
-        "--batch-size", "8", "--device", "cpu", "--precision", "fp32", "--workers", "0",
+        "--batch-size", "8", "--device", "cpu", "--precision", "fp32", "--workers", "1",
         "--max-steps", "100000", "--log-every", "1", "--checkpoint-every", "100000",
         "--no-progress", "--no-tensorboard",
     ]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         while not (run / "log.jsonl").is_file() or not (run / "log.jsonl").read_text().strip():
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()

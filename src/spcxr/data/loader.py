@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -138,6 +139,19 @@ class EpochBatchSampler(Sampler[list[int]]):
         return max(0, self.total_steps - self.start_step)
 
 
+def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """``worker_init_fn``: the worker ignores SIGINT and SIGTERM.
+
+    Ctrl-C, ``kill -- -PGID`` and cluster schedulers signal the whole process group. The main
+    process handles the signal by finishing its step and checkpointing
+    (:mod:`spcxr.train.signals`); a worker killed by the same signal would instead make torch abort
+    the main process mid-step ("DataLoader worker is killed by signal"). Workers still end when
+    the loader is closed, and on their own once the main process is gone (torch's watchdog).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(
     dataset: StoreBatches, sampler: EpochBatchSampler, *, workers: int = 2, pin_memory: bool = False
 ) -> DataLoader:
@@ -150,6 +164,7 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=leave_stop_signals_to_the_main_process if workers > 0 else None,
     )
 
 
