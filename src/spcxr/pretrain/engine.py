@@ -152,7 +152,8 @@ class PretrainConfig:
             ``--resume`` continues it.
         step_budget: optimisation steps this invocation runs before it checkpoints and exits
             (0: no limit); the same mechanism as ``time_budget``.
-        resume: continue the run in ``out`` from its checkpoint.
+        resume: continue the run in ``out`` from its checkpoint (after a spent budget, a stop by
+            SIGTERM / Ctrl-C at the step in progress, or a crash at the last periodic one).
         tensorboard: write TensorBoard scalars.
         progress: show a progress bar.
     """
