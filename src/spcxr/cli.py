@@ -23,6 +23,7 @@ from spcxr.errors import (
     EXIT_USAGE,
     USAGE_ERRORS,
     RunFailed,
+    RunStopped,
     error_line,
     is_usage_os_error,
 )
@@ -416,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
+    except RunStopped as e:
+        print(f"spcxr {args.command}: {e}", file=sys.stderr if e.exit_status else sys.stdout)
+        return e.exit_status
     except KeyboardInterrupt:
         print(
             f"spcxr {args.command}: interrupted (run the same command to resume)", file=sys.stderr

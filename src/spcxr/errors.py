@@ -28,6 +28,16 @@ class RunFailed(RuntimeError):
     """A run that started but could not finish (exit status 1)."""
 
 
+class RunStopped(Exception):
+    """A run that stopped on purpose before its end, with its checkpoint saved: a spent
+    ``--time-budget`` / ``--step-budget`` (exit status 0) or SIGTERM / Ctrl-C (128 + the signal's
+    number, the shell's convention). The same command continues it."""
+
+    def __init__(self, message: str, exit_status: int) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
 # Raised before any work starts: the user must change the command or the files it names.
 USAGE_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,

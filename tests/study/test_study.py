@@ -329,3 +329,59 @@ def test_tiny_study_keeps_external_test_out_and_pairs_draws(
     # the runs from the unfinished pretraining are left out and listed, never trained
     assert not [n for n in trained if n.startswith("unfinished")]
     assert "unfinished_3perclass_draw0 (encoder" in page and "not finished)" in page
+
+
+def test_a_study_stops_after_an_unfinished_pretraining_and_continues_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A pretraining piece that stops early (its step budget here, SIGTERM below) ends the study
+    there: no fine-tuning from an unfinished encoder. The same command continues it."""
+    import yaml
+    from tests.conftest import write_smooth_images
+
+    from spcxr.cli import main
+    from spcxr.pretrain import engine
+    from spcxr.train.checkpoint import load_checkpoint
+
+    write_smooth_images(tmp_path / "data" / "site", n_patients=12, size=32)
+    model = {"arch": "vit_tiny", "img_size": 32, "patch_size": 8}
+    config = {
+        "variant": "tiny",
+        "out": str(tmp_path / "study"),
+        "results": str(tmp_path / "results"),
+        "data": str(tmp_path / "data"),
+        "device": "cpu",
+        "sources": ["site=folder:site"],
+        "prepare": {"image_size": 32, "workers": 1},
+        "pretrain": {
+            "model": model, "batch_size": 8, "max_steps": 3, "step_budget": 1, "workers": 0,
+            "preview_every": 0, "progress": False, "tensorboard": False,
+        },
+        "tasks": [
+            {
+                "name": "tiny",
+                "sources": ["site"],
+                "labels": {"column": "label", "classes": ["normal", "abnormal"]},
+                "budgets": ["all"],
+            }
+        ],
+    }  # fmt: skip
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    pre = tmp_path / "study" / "pretrain"
+    for step in (1, 2):
+        assert main(["study", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert f"pretraining stopped (step_budget spent) at step {step} of 3" in out
+        assert "run the same command to continue" in out
+        assert load_checkpoint(pre / "checkpoint.pt")["step"] == step
+        assert not (pre / "encoder").exists() and not (tmp_path / "study" / "tasks").exists()
+
+    stopped = engine.PretrainResult(
+        run_dir=pre, steps=2, final_loss=0.0, losses=[], views_per_second=0.0,
+        encoder_path=None, total_steps=3, budget_stop="SIGTERM",
+    )  # fmt: skip
+    monkeypatch.setattr(engine, "pretrain", lambda config: stopped)
+    assert main(["study", str(path)]) == 143
+    assert "pretraining stopped (SIGTERM) at step 2 of 3" in capsys.readouterr().err
+    assert not (tmp_path / "study" / "tasks").exists()

@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 from spcxr.config import from_dict, to_dict
+from spcxr.errors import RunStopped
 from spcxr.study.config import StudyConfig, StudyTask, load_study, merge, split_init
 from spcxr.study.page import write_results_page
 
@@ -123,7 +125,17 @@ class Study:
 
             store = PreparedStore(self.store)
             config.sources = sorted(set(store.manifest["source"]) - set(excluded))
-        pretrain(config)
+        result = pretrain(config)
+        if result.budget_stop:
+            # An unfinished encoder must not be fine-tuned as if it were the study's: stop here
+            # (pretraining resumes when the same study command runs again).
+            signalled = result.budget_stop.startswith("SIG")
+            why = result.budget_stop if signalled else result.budget_stop + " spent"
+            raise RunStopped(
+                f"pretraining stopped ({why}) at step {result.steps} of {result.total_steps}, "
+                f"checkpoint in {run}; run the same command to continue",
+                128 + int(signal.Signals[result.budget_stop]) if signalled else 0,
+            )
         self.timings["pretrain_s"] = time.perf_counter() - start
         return run
 
