@@ -10,7 +10,6 @@ import importlib
 import json
 import logging
 import shlex
-import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from spcxr.errors import (
     error_line,
     is_usage_os_error,
 )
+from spcxr.train.signals import stop_exit_status
 
 # ---------------------------------------------------------------------------------------------
 # prepare
@@ -73,19 +73,16 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         again = [a for a in args.argv if a != "--no-resume"]
         if "--resume" not in again:
             again.append("--resume")
-        if result.budget_stop.startswith("SIG"):
+        status = stop_exit_status(result.budget_stop)
+        if status:
             why = f"stopped by {result.budget_stop}"
-        else:
+        else:  # the budget as the flag that set it
             why = "--" + result.budget_stop.replace("_", "-") + " spent"
         print(
             f"run {result.run_dir}: {why} at step {result.steps} of {result.total_steps}; "
             f"checkpoint saved. Continue with: spcxr {shlex.join(again)}"
         )
-        if result.budget_stop.startswith("SIG"):
-            # The shell's convention for a process ended by a signal (130 Ctrl-C, 143 SIGTERM),
-            # so that a script or scheduler sees the run did not finish; nothing was lost.
-            return 128 + int(signal.Signals[result.budget_stop])
-        return 0
+        return status
     if result.losses:
         first, last = result.losses[0], result.losses[-1]
         print(

@@ -74,7 +74,7 @@ from spcxr.train import distributed
 from spcxr.train.checkpoint import load_checkpoint, save_checkpoint
 from spcxr.train.logging import RunLogger
 from spcxr.train.schedule import cosine_schedule
-from spcxr.train.signals import StopRequest, stop_on_signals
+from spcxr.train.signals import StopRequest, stop_on_signals, stop_reason
 from spcxr.versions import library_versions
 
 log = logging.getLogger(__name__)
@@ -890,9 +890,7 @@ class Pretrainer:
         if run.budget_stop:
             log.info(
                 "%s at step %d of %d; checkpoint %s",
-                run.budget_stop
-                if run.budget_stop.startswith("SIG")
-                else run.budget_stop + " spent",
+                stop_reason(run.budget_stop),
                 self.step,
                 self.total_steps,
                 self.checkpoint_path,
@@ -908,9 +906,7 @@ class Pretrainer:
             budget_stop=run.budget_stop,
         )
 
-    def _budget_spent(
-        self, started: float, first_step: int, stop: StopRequest | None = None
-    ) -> str | None:
+    def _budget_spent(self, started: float, first_step: int, stop: StopRequest) -> str | None:
         """Why this invocation stops here, if it does: ``"step_budget"``, ``"time_budget"``, or
         the signal that asked for a stop (``"SIGTERM"`` / ``"SIGINT"``).
 
@@ -922,7 +918,7 @@ class Pretrainer:
         config = self.config
         if config.step_budget and self.step - first_step >= config.step_budget:
             return "step_budget"  # the same step on every rank: nothing to agree on
-        signum = stop.signum if stop is not None and stop.signum is not None else 0
+        signum = stop.signum or 0
         over = self.time_budget is not None and time.monotonic() - started >= self.time_budget
         if self.dist.distributed:
             if self.time_budget is None and self.step % config.log_every:

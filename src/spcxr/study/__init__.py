@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from spcxr.config import from_dict, to_dict
 from spcxr.errors import RunStopped
 from spcxr.study.config import StudyConfig, StudyTask, load_study, merge, split_init
 from spcxr.study.page import write_results_page
+from spcxr.train.signals import stop_exit_status, stop_reason
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +129,10 @@ class Study:
         if result.budget_stop:
             # An unfinished encoder must not be fine-tuned as if it were the study's: stop here
             # (pretraining resumes when the same study command runs again).
-            signalled = result.budget_stop.startswith("SIG")
-            why = result.budget_stop if signalled else result.budget_stop + " spent"
             raise RunStopped(
-                f"pretraining stopped ({why}) at step {result.steps} of {result.total_steps}, "
-                f"checkpoint in {run}; run the same command to continue",
-                128 + int(signal.Signals[result.budget_stop]) if signalled else 0,
+                f"pretraining stopped ({stop_reason(result.budget_stop)}) at step {result.steps} "
+                f"of {result.total_steps}, checkpoint in {run}; run the same command to continue",
+                stop_exit_status(result.budget_stop),
             )
         self.timings["pretrain_s"] = time.perf_counter() - start
         return run

@@ -21,7 +21,7 @@ from types import FrameType
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StopRequest", "stop_on_signals"]
+__all__ = ["StopRequest", "stop_exit_status", "stop_on_signals", "stop_reason"]
 
 
 @dataclass
@@ -30,10 +30,18 @@ class StopRequest:
 
     signum: int | None = None
 
-    @property
-    def name(self) -> str | None:
-        """``"SIGTERM"`` / ``"SIGINT"``, or None when no stop was asked."""
-        return signal.Signals(self.signum).name if self.signum is not None else None
+
+def stop_reason(stop: str) -> str:
+    """A run's early stop (``PretrainResult.budget_stop``) in words: ``"SIGTERM"``, or
+    ``"time_budget spent"`` / ``"step_budget spent"``."""
+    return stop if stop.startswith("SIG") else f"{stop} spent"
+
+
+def stop_exit_status(stop: str) -> int:
+    """The exit status of a run that stopped early for ``stop``: 0 for a spent budget, 128 + the
+    signal's number for a signal (the shell's convention, 130 Ctrl-C, 143 SIGTERM), so that a
+    script or scheduler sees that the run did not finish; its checkpoint is saved either way."""
+    return 128 + int(signal.Signals[stop]) if stop.startswith("SIG") else 0
 
 
 @contextmanager
