@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -53,6 +54,18 @@ def _seeded_rngs():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+def wait_for_first_log_line(proc: subprocess.Popen, run: Path, timeout: float) -> None:
+    """Block until the pretraining ``proc`` has written its first ``run/log.jsonl`` line; fail
+    with its output if it exits first or ``timeout`` seconds pass."""
+    import time
+
+    log_file = run / "log.jsonl"
+    deadline = time.monotonic() + timeout
+    while not log_file.is_file() or not log_file.read_text().strip():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
 
 
 def console_script() -> str:

@@ -6,12 +6,11 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import console_script, tiny_pretrain_config
+from tests.conftest import console_script, tiny_pretrain_config, wait_for_first_log_line
 
 from spcxr.cli import main
 from spcxr.pretrain.engine import PretrainConfig, Pretrainer, parse_duration, pretrain
@@ -135,10 +134,7 @@ def test_cli_sigterm_exits_143_with_the_checkpoint_at_the_last_step(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
-        deadline = time.monotonic() + 120
-        while not (run / "log.jsonl").is_file() or not (run / "log.jsonl").read_text().strip():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.2)
+        wait_for_first_log_line(proc, run, timeout=120)
         os.killpg(proc.pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:

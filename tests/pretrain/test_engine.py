@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import tiny_pretrain_config
+from tests.conftest import tiny_pretrain_config, wait_for_first_log_line
 
 from spcxr.pretrain import engine
 from spcxr.pretrain.engine import (
@@ -327,10 +327,7 @@ def test_ddp_ranks_agree_on_the_step_where_a_signal_stops_them(
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 180
-        while not (run / "log.jsonl").is_file() or not (run / "log.jsonl").read_text().strip():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.2)
+        wait_for_first_log_line(proc, run, timeout=180)
         workers = subprocess.run(
             ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=True
         ).stdout.split()
