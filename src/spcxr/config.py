@@ -5,12 +5,15 @@ Every command's settings are a dataclass (nested dataclasses for groups such as 
 text from the dataclass docstring's ``Attributes:`` section), and :func:`resolve` builds the
 config from defaults, then a YAML file (``--config``), then the flags given. YAML keys may be
 nested (``split: {mode: official}``) or flat, spelled like the flags (``split_mode: official``).
+A YAML file may start from another (``base: other.yaml``, relative to the file): it then says
+only what differs, and its keys win.
 The resolved config is written next to every run's outputs with :func:`save_yaml`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import inspect
 import re
@@ -200,16 +203,64 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**kwargs)
 
 
+def read_chain(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """A YAML config file and the files it starts from, the furthest base first.
+
+    ``base: OTHER.yaml`` (relative to the file that names it) makes a file a set of changes to
+    another, which may itself name a base; each mapping is returned without its ``base`` key.
+
+    Raises:
+        ValueError: a file that is not a mapping, or a chain of bases that comes back on itself.
+    """
+    chain: list[tuple[Path, dict[str, Any]]] = []
+    seen: list[Path] = []
+    current: Path | None = Path(path)
+    while current is not None:
+        if current.resolve() in seen:
+            names = " -> ".join(str(p) for p in [*seen, current.resolve()])
+            raise ValueError(f"{current}: its chain of base configs comes back on itself: {names}")
+        seen.append(current.resolve())
+        raw = yaml.safe_load(current.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{current}: a config file must be a mapping of keys to values")
+        base = raw.pop("base", None)
+        chain.append((current, raw))
+        current = current.parent / str(base) if base else None
+    return chain[::-1]
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``extra``, nested dicts merged key by key (neither is changed)."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_settings(cls: type, path: str | Path) -> dict[str, Any]:
+    """The nested settings a YAML file (and its bases) give, each spelled as ``cls`` knows it."""
+    data: dict[str, Any] = {}
+    # Flattened file by file, so that a nested key in one file and the flag spelling of the
+    # same setting in another (``model: {arch: ...}`` / ``model_arch: ...``) still override.
+    for file, raw in read_chain(path):
+        try:
+            flat = _flatten_yaml(cls, raw)
+        except ValueError as error:
+            raise ValueError(f"{file}: {error}") from None
+        for dotted, value in flat.items():
+            set_dotted(data, dotted, value)
+    return data
+
+
 def resolve(cls: type[T], args: argparse.Namespace) -> T:
-    """Defaults, then ``--config`` YAML, then the flags that were given."""
+    """Defaults, then ``--config`` YAML (after its ``base:`` files), then the flags given."""
     data: dict[str, Any] = {}
     config_path = getattr(args, "config", None)
     if config_path is not None:
-        raw = yaml.safe_load(Path(config_path).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{config_path}: a config file must be a mapping of keys to values")
-        for dotted, value in _flatten_yaml(cls, raw).items():
-            set_dotted(data, dotted, value)
+        data = _read_settings(cls, config_path)
     for key, value in vars(args).items():
         if key.startswith("cfg__"):
             set_dotted(data, key[5:].replace("__", "."), value)
@@ -241,9 +292,5 @@ def save_yaml(config: Any, path: str | Path) -> None:
 
 
 def load_yaml(cls: type[T], path: str | Path) -> T:
-    """Read a config written by :func:`save_yaml` (or by hand)."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    data: dict[str, Any] = {}
-    for dotted, value in _flatten_yaml(cls, raw).items():
-        set_dotted(data, dotted, value)
-    return from_dict(cls, data)
+    """Read a config written by :func:`save_yaml` (or by hand, ``base:`` files included)."""
+    return from_dict(cls, _read_settings(cls, path))

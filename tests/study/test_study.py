@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spcxr.config import from_dict
+from spcxr.config import from_dict, merge
 from spcxr.pretrain.engine import PretrainConfig
 from spcxr.study import Study, _nest_prepare
-from spcxr.study.config import load_study, merge
+from spcxr.study.config import load_study
 from spcxr.tasks.classify import FinetuneConfig
 from spcxr.tasks.segment import SegmentConfig
 

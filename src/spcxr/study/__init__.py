@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spcxr.config import from_dict, to_dict
+from spcxr.config import from_dict, merge, to_dict
 from spcxr.errors import RunStopped
-from spcxr.study.config import StudyConfig, StudyTask, load_study, merge, split_init
+from spcxr.study.config import StudyConfig, StudyTask, load_study, split_init
 from spcxr.study.page import write_results_page
 from spcxr.train.signals import stop_exit_status, stop_reason
 

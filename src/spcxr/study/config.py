@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from spcxr.config import merge, read_chain
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -91,15 +90,9 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
     """A study config; ``base: OTHER.yaml`` (relative to this file) starts from another study
     config, whose settings this file's keys update (nested settings key by key; ``tasks`` and
     lists replaced whole)."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    if raw.get("base"):
-        base_path = Path(path).parent / raw.pop("base")
-        if base_path.resolve() == Path(path).resolve():
-            raise ValueError(f"{path}: base names the file itself")
-        base = yaml.safe_load(base_path.read_text()) or {}
-        if base.get("base"):
-            raise ValueError(f"{base_path}: a base config cannot have a base of its own")
-        raw = merge(base, raw)
+    raw: dict[str, Any] = {}
+    for _, settings in read_chain(path):
+        raw = merge(raw, settings)
     raw.update(overrides or {})
     tasks = [StudyTask(**t) for t in raw.pop("tasks", [])]
     unknown = set(raw) - {f for f in StudyConfig.__dataclass_fields__}
@@ -131,14 +124,3 @@ def split_init(spec: str) -> tuple[str, str]:
     ``scratch``, which name no path."""
     name, _, path = spec.partition("=")
     return name, path
-
-
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """``base`` updated by ``extra``, nested dicts merged key by key (neither is changed)."""
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out

@@ -14,8 +14,9 @@ import numpy as np
 import yaml
 
 from spcxr.atomic import atomic_write_text
+from spcxr.config import merge
 from spcxr.markdown import table
-from spcxr.study.config import StudyConfig, StudyTask, merge, split_init
+from spcxr.study.config import StudyConfig, StudyTask, split_init
 
 
 def _fmt(entry: dict[str, Any] | None) -> str:
