@@ -145,6 +145,27 @@ def test_an_unfinished_pretraining_is_used_with_a_warning(
     assert (info["source_run"]["steps_done"], info["source_run"]["steps"]) == (2, 5)
 
 
+def test_a_run_continued_past_its_export_says_which_step_the_export_holds(
+    gmml_run, gmml_encoder_state, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A finished run resumed with more epochs (``--epochs 200 --resume``) keeps its old
+    ``encoder/`` until it finishes again; fine-tuning from the folder meanwhile uses that export,
+    records its step and warns."""
+    run = tmp_path / "continued"
+    shutil.copytree(gmml_run, run)
+    info_path = run / "run.json"
+    info_path.write_text(json.dumps({**json.loads(info_path.read_text()), "steps": 5}))
+    with caplog.at_level("WARNING", logger="spcxr.models.init_from"):
+        encoder, info = load_init(str(run), **TINY)
+    _assert_state_equal(encoder, gmml_encoder_state)
+    assert "exported at step 2, but the run now goes to step 5" in caplog.text
+    assert (info["source_run"]["steps_done"], info["source_run"]["steps"]) == (2, 5)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spcxr.models.init_from"):
+        load_init(str(gmml_run), **TINY)  # a finished run's own export: no warning
+    assert caplog.text == ""
+
+
 def test_naming_checkpoint_pt_uses_it_even_with_an_export(gmml_run, gmml_encoder_state) -> None:
     encoder, info = load_init(str(gmml_run / "checkpoint.pt"), **TINY)
     _assert_state_equal(encoder, gmml_encoder_state)

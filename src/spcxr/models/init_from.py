@@ -140,7 +140,20 @@ def _load_gmml(
     exported = run / "encoder" / "model.safetensors"
     if exported.is_file() and not from_checkpoint:
         encoder = _load_exported(exported, target_args)
-        return encoder, {"path": str(exported), "source_run": _export_record(exported)}
+        record = _export_record(exported)
+        done, planned = (record or {}).get("steps_done"), (record or {}).get("steps")
+        if isinstance(done, int) and isinstance(planned, int) and done < planned:
+            # A finished run continued to more epochs keeps its last export until it finishes
+            # again: that export is used (it is a finished product), but never silently.
+            log.warning(
+                "%s: exported at step %d, but the run now goes to step %d (it is being "
+                "continued): fine-tuning from that export; name %s for its latest state",
+                exported.parent,
+                done,
+                planned,
+                run / "checkpoint.pt",
+            )
+        return encoder, {"path": str(exported), "source_run": record}
     ckpt = run / "checkpoint.pt"
     if not ckpt.is_file():
         raise FileNotFoundError(
