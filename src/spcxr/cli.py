@@ -404,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands whose runs continue only when asked to (others resume by themselves).
+_RESUME_FLAG = {"pretrain": "--resume", "finetune": "--train-resume", "segment": "--train-resume"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -418,9 +422,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spcxr {args.command}: {e}", file=sys.stderr if e.exit_status else sys.stdout)
         return e.exit_status
     except KeyboardInterrupt:
-        print(
-            f"spcxr {args.command}: interrupted (run the same command to resume)", file=sys.stderr
+        # A second Ctrl-C (the first one checkpoints and stops cleanly) or one outside a
+        # training loop: the last checkpoint stays.
+        flag = _RESUME_FLAG.get(args.command)
+        again = (
+            f"the same command with {flag}"
+            if flag and flag not in args.argv
+            else "the same command"
         )
+        print(f"spcxr {args.command}: interrupted (run {again} to resume)", file=sys.stderr)
         return 130
     except USAGE_ERRORS as e:
         print(f"spcxr {args.command}: error: {error_line(e)}", file=sys.stderr)

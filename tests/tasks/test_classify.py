@@ -118,6 +118,101 @@ def test_resume_gives_the_same_model(synth_store, tmp_path, monkeypatch) -> None
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _signal_at_step(monkeypatch, step: int, signum: int) -> None:
+    """Deliver ``signum`` to this process while optimisation step ``step`` (1-based) runs."""
+    import os
+
+    import spcxr.tasks.loop as loop
+
+    real, calls = loop.phase_lr, {"n": 0}
+
+    def phase_lr(*args):
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signum)
+        return real(*args)
+
+    monkeypatch.setattr(loop, "phase_lr", phase_lr)
+
+
+def test_sigterm_between_validations_checkpoints_there_and_resumes_exactly(
+    synth_store, tmp_path, monkeypatch
+) -> None:
+    """SIGTERM at step 4 (validations at 3 and 6): the step completes, the checkpoint holds
+    step 4, run.json says where it stopped and is not finished; resumed, the run ends with the
+    uninterrupted run's model and log (the training loss since step 3 is carried over)."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from spcxr.errors import RunStopped
+    from spcxr.train.checkpoint import load_checkpoint
+
+    finetune(_config(synth_store, tmp_path / "full"))
+    before = signal.getsignal(signal.SIGTERM)
+    _signal_at_step(monkeypatch, 4, signal.SIGTERM)
+    with pytest.raises(RunStopped, match=r"stopped by SIGTERM at step 4 of 6.*--train-resume") as e:
+        finetune(_config(synth_store, tmp_path / "cut"))
+    assert e.value.exit_status == 143
+    assert signal.getsignal(signal.SIGTERM) is before
+    monkeypatch.undo()
+    cut = tmp_path / "cut"
+    assert load_checkpoint(cut / "checkpoint.pt")["step"] == 4
+    info = json.loads((cut / "run.json").read_text())
+    assert info["stopped"] == {"by": "SIGTERM", "step": 4} and "finished" not in info
+    cfg = _config(synth_store, cut)
+    cfg.train.resume = True
+    done = finetune(cfg)
+    assert done["steps"] == 6 and done["finished"]
+    a = load_file(tmp_path / "full" / "model" / "model.safetensors")
+    b = load_file(cut / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs = [
+        [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+        for run in (tmp_path / "full", cut)
+    ]
+    assert logs[0] == logs[1] and [r["step"] for r in logs[1]] == [3, 6]
+
+
+def test_cli_finetune_stopped_by_sigterm_exits_143_and_says_how_to_continue(
+    synth_store, tmp_path
+) -> None:
+    """The installed script, SIGTERM to its process group mid-run (data-loader worker included)."""
+    import os
+    import signal
+    import subprocess
+
+    from tests.conftest import console_script, wait_for_first_log_line
+
+    run = tmp_path / "run"
+    argv = [
+        console_script(), "finetune", "--store", str(synth_store), "--out", str(run),
+        "--labels-classes", "normal", "abnormal",
+        "--labels-rename", "consolidation=abnormal", "bilateral_opacities=abnormal",
+        "--model-arch", "vit_tiny", "--model-img-size", "32", "--model-patch-size", "8",
+        "--train-min-steps", "100000", "--train-batch-size", "8", "--train-eval-every", "1",
+        "--train-patience", "0", "--train-device", "cpu", "--train-workers", "1",
+        "--no-train-progress", "--no-train-tensorboard",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        wait_for_first_log_line(proc, run, timeout=120)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM at step" in err and "--train-resume" in err, err
+    assert "Traceback" not in err
+    from spcxr.train.checkpoint import load_checkpoint
+
+    step = json.loads((run / "run.json").read_text())["stopped"]["step"]
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == step >= 1
+
+
 def test_linear_probe_changes_only_the_head(synth_store, tmp_path) -> None:
     from safetensors.torch import load_file
 

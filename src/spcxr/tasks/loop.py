@@ -12,7 +12,9 @@ training.
 
 Every random choice is a function of ``(seed, step)``: the batch order (a permutation per epoch,
 or class-balanced draws), the augmentation, stochastic depth. An interrupted run resumes from its
-last checkpoint and continues exactly as the uninterrupted one would have.
+last checkpoint and continues exactly as the uninterrupted one would have. SIGTERM / Ctrl-C
+finish the step in progress, checkpoint exactly there and end the run unfinished (exit status
+143 / 130; :mod:`spcxr.train.signals`), so nothing since the last validation is lost.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -36,15 +39,16 @@ from tqdm.auto import tqdm
 from spcxr.atomic import atomic_write_text, remove_orphans
 from spcxr.checks import at_least, positive, require, writable_folder
 from spcxr.config import save_yaml
-from spcxr.data.loader import StoreBatches
+from spcxr.data.loader import StoreBatches, leave_stop_signals_to_the_main_process
 from spcxr.data.store import PreparedStore
-from spcxr.errors import UsageError
+from spcxr.errors import RunStopped, UsageError
 from spcxr.rng import derive_seed
 from spcxr.train.checkpoint import load_checkpoint, save_checkpoint
 from spcxr.train.distributed import autocast, resolve_device, resolve_precision
 from spcxr.train.logging import RunLogger
 from spcxr.train.lrd import param_groups_lrd
 from spcxr.train.schedule import cosine_schedule
+from spcxr.train.signals import stop_exit_status, stop_on_signals
 from spcxr.versions import library_versions
 
 log = logging.getLogger(__name__)
@@ -214,6 +218,8 @@ def store_batches(
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if workers > 0 else None,
+        # a stop signal to the process group is the main process's to handle (checkpoint first)
+        worker_init_fn=leave_stop_signals_to_the_main_process if workers > 0 else None,
     )
     return iter(loader)
 
@@ -228,6 +234,8 @@ class FitResult:
     history: list[dict[str, Any]]
     stopped_early: bool
     seconds: float
+    stopped_by: str | None = None  # the signal that stopped the run unfinished ("SIGTERM")
+    total_steps: int = 0
 
 
 def phase_lr(
@@ -344,7 +352,23 @@ def run_task(task: SupervisedTask) -> dict[str, Any]:
     }
     atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
     write_train_rows(task.store, task.train_rows, run_dir)
-    return finish_run(run_dir, info, fit(task))
+    result = fit(task)
+    if result.stopped_by:
+        # Not finished: run.json says where it stopped, and gets no "finished" (a study or a
+        # repeated-draws run resumes it instead of skipping it).
+        info["stopped"] = {"by": result.stopped_by, "step": result.steps}
+        atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
+        again = (
+            "run the same command to continue"
+            if train.resume
+            else "continue with the same command plus --train-resume"
+        )
+        raise RunStopped(
+            f"{run_dir}: stopped by {result.stopped_by} at step {result.steps} of "
+            f"{result.total_steps}, checkpoint saved; {again}",
+            stop_exit_status(result.stopped_by),
+        )
+    return finish_run(run_dir, info, result)
 
 
 def fit(task: SupervisedTask) -> FitResult:
@@ -369,12 +393,15 @@ def fit(task: SupervisedTask) -> FitResult:
     ckpt_path = run_dir / "checkpoint.pt"
     step, best_value, best_step, bad_evals = 0, float("nan"), -1, 0
     history: list[dict[str, Any]] = []
+    window, window_n = 0.0, 0
     if config.resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path, map_location=device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, best_value, best_step = state["step"], state["best_value"], state["best_step"]
         bad_evals, history = state["bad_evals"], state["history"]
+        # the training loss since the last validation (a stop between validations saves it)
+        window, window_n = state.get("train_loss_window", (0.0, 0))
         log.info("resumed %s at step %d", run_dir, step)
     elif ckpt_path.is_file():
         raise UsageError(
@@ -385,97 +412,115 @@ def fit(task: SupervisedTask) -> FitResult:
     bar = tqdm(
         total=total, initial=step, desc=run_dir.name, unit="step", disable=not config.progress
     )
-    stopped_early = False
-    window, window_n = 0.0, 0
-    try:
-        batches = store_batches(
-            task.store, plan, step, total, workers=config.workers, masks=task.with_masks
+    stopped_early, stopped_by = False, None
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            {
+                "format": "spcxr-supervised-checkpoint",
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "best_value": best_value,
+                "best_step": best_step,
+                "bad_evals": bad_evals,
+                "history": history,
+                "train_loss_window": (window, window_n),
+            },
+            ckpt_path,
         )
-        if probe_steps:
-            model.freeze_encoder(step < probe_steps)
-        model.train()
-        while step < total:
-            batch = next(batches)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            if probe_steps and step == probe_steps:
-                model.freeze_encoder(False)
-                bad_evals = 0  # patience counts from the start of fine-tuning
-                log.info("step %d: encoder unfrozen (fine-tuning after the probe phase)", step)
-            lr = phase_lr(step, total, probe_steps, base_lr, config.optim.min_lr, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            # Stochastic depth and dropout draw from the global RNG: reseed per step (resume).
-            torch.manual_seed(derive_seed(config.seed, "step", step))
-            with autocast(device, precision):
-                loss = task.loss(batch, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.optim.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad)
-            optimizer.step()
-            step += 1
-            bar.update(1)
-            window += float(loss.detach())
-            window_n += 1
-            if step % eval_every == 0 or step == total:
-                if select == "last":
-                    metrics, value, improved = {}, float("nan"), True
-                else:
-                    model.eval()
-                    with torch.no_grad():
-                        metrics = task.validate()
-                    model.train()
-                    value = metrics.get(select, float("nan"))
-                    if not math.isfinite(value):
-                        raise ValueError(f"validation metric {select!r} is undefined: {metrics}")
-                    improved = not math.isfinite(best_value) or (
-                        value > best_value if task.higher_is_better else value < best_value
+
+    with stop_on_signals() as stop:
+        try:
+            batches = store_batches(
+                task.store, plan, step, total, workers=config.workers, masks=task.with_masks
+            )
+            if probe_steps:
+                model.freeze_encoder(step < probe_steps)
+            model.train()
+            while step < total:
+                batch = next(batches)
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                if probe_steps and step == probe_steps:
+                    model.freeze_encoder(False)
+                    bad_evals = 0  # patience counts from the start of fine-tuning
+                    log.info("step %d: encoder unfrozen (fine-tuning after the probe phase)", step)
+                lr = phase_lr(step, total, probe_steps, base_lr, config.optim.min_lr, warmup)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
+                # Stochastic depth and dropout draw from the global RNG: reseed per step (resume).
+                torch.manual_seed(derive_seed(config.seed, "step", step))
+                with autocast(device, precision):
+                    loss = task.loss(batch, step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.optim.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad)
+                optimizer.step()
+                step += 1
+                bar.update(1)
+                window += float(loss.detach())
+                window_n += 1
+                if step % eval_every == 0 or step == total:
+                    if select == "last":
+                        metrics, value, improved = {}, float("nan"), True
+                    else:
+                        model.eval()
+                        with torch.no_grad():
+                            metrics = task.validate()
+                        model.train()
+                        value = metrics.get(select, float("nan"))
+                        if not math.isfinite(value):
+                            raise ValueError(
+                                f"validation metric {select!r} is undefined: {metrics}"
+                            )
+                        improved = not math.isfinite(best_value) or (
+                            value > best_value if task.higher_is_better else value < best_value
+                        )
+                    if improved:
+                        best_value, best_step, bad_evals = value, step, 0
+                        task.save_best()
+                    else:
+                        bad_evals += 1
+                    record = {
+                        "epoch": step / spe,
+                        "lr": lr,
+                        "train_loss": window / max(window_n, 1),
+                        **{f"val_{k}": v for k, v in metrics.items()},
+                        "best": improved,
+                    }
+                    history.append({"step": step, **record})
+                    logger.log(step, record)
+                    bar.set_postfix(
+                        train_loss=f"{record['train_loss']:.3f}",
+                        **{f"val_{select}": f"{value:.3f}"},
                     )
-                if improved:
-                    best_value, best_step, bad_evals = value, step, 0
-                    task.save_best()
-                else:
-                    bad_evals += 1
-                record = {
-                    "epoch": step / spe,
-                    "lr": lr,
-                    "train_loss": window / max(window_n, 1),
-                    **{f"val_{k}": v for k, v in metrics.items()},
-                    "best": improved,
-                }
-                history.append({"step": step, **record})
-                logger.log(step, record)
-                bar.set_postfix(
-                    train_loss=f"{record['train_loss']:.3f}", **{f"val_{select}": f"{value:.3f}"}
-                )
-                window, window_n = 0.0, 0
-                save_checkpoint(
-                    {
-                        "format": "spcxr-supervised-checkpoint",
-                        "step": step,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "best_value": best_value,
-                        "best_step": best_step,
-                        "bad_evals": bad_evals,
-                        "history": history,
-                    },
-                    ckpt_path,
-                )
-                # Never stop in the probe phase: the fine-tuning phase has not been tried yet.
-                if config.patience and bad_evals >= config.patience and step > probe_steps:
-                    stopped_early = True
-                    log.info(
-                        "early stop at step %d (best %s %.4f at step %d)",
-                        step,
-                        select,
-                        best_value,
-                        best_step,
+                    window, window_n = 0.0, 0
+                    checkpoint()
+                    # Never stop in the probe phase: the fine-tuning phase has not been tried yet.
+                    if config.patience and bad_evals >= config.patience and step > probe_steps:
+                        stopped_early = True
+                        log.info(
+                            "early stop at step %d (best %s %.4f at step %d)",
+                            step,
+                            select,
+                            best_value,
+                            best_step,
+                        )
+                        break
+                elif stop.signum is not None:
+                    # Between validations: checkpoint here. Every random choice is a function of
+                    # (seed, step), so the resumed run goes on exactly as if never stopped.
+                    checkpoint()
+                if stop.signum is not None and step < total:
+                    stopped_by = signal.Signals(stop.signum).name
+                    log.warning(
+                        "%s: stopped by %s at step %d of %d", run_dir, stopped_by, step, total
                     )
                     break
-    finally:
-        bar.close()
-        logger.close()
+        finally:
+            bar.close()
+            logger.close()
     return FitResult(
         steps=step,
         best_step=best_step,
@@ -483,6 +528,8 @@ def fit(task: SupervisedTask) -> FitResult:
         history=history,
         stopped_early=stopped_early,
         seconds=time.perf_counter() - started,
+        stopped_by=stopped_by,
+        total_steps=total,
     )
 
 
