@@ -118,3 +118,22 @@ def test_synth_command_writes_a_readable_set(tmp_path: Path) -> None:
     assert manifest[0] == "file,mask_file,label,patient_id,site,view,sex,age"
     assert len(manifest) >= 4
     assert all((out / line.split(",")[0]).is_file() for line in manifest[1:])
+
+
+def test_ctrl_c_outside_a_clean_stop_names_the_flag_that_resumes(monkeypatch, capsys) -> None:
+    """A second Ctrl-C (or one outside a training loop) exits 130 and says how to continue:
+    pretrain and finetune / segment resume only when asked to."""
+    import spcxr.pretrain.engine
+    import spcxr.tasks.classify
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(spcxr.pretrain.engine, "pretrain", interrupted)
+    monkeypatch.setattr(spcxr.tasks.classify, "finetune", interrupted)
+    assert main(["pretrain", "--store", "s", "--out", "o"]) == 130
+    assert "interrupted (run the same command with --resume to resume)" in capsys.readouterr().err
+    assert main(["finetune", "--store", "s", "--out", "o", "--train-resume"]) == 130
+    assert "interrupted (run the same command to resume)" in capsys.readouterr().err
+    assert main(["finetune", "--store", "s", "--out", "o"]) == 130
+    assert "with --train-resume to resume" in capsys.readouterr().err
