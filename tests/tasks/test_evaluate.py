@@ -72,6 +72,22 @@ def test_training_images_are_never_scored(synth_store, tmp_path) -> None:
     assert "identical to a training image" not in ev["data"]["excluded"]
 
 
+def test_an_unfinished_run_is_refused_naming_why(synth_store, tmp_path) -> None:
+    """A stopped or killed run's model/ is its best state so far, not its result."""
+    finetune(_config(synth_store, tmp_path / "r"))
+    info_path = tmp_path / "r" / "run.json"
+    info = json.loads(info_path.read_text())
+    del info["finished"]
+    config = EvaluateConfig(runs=[str(tmp_path / "r")], out=str(tmp_path / "rep"), device="cpu")
+    info_path.write_text(json.dumps({**info, "stopped": {"by": "SIGTERM", "step": 4}}))
+    with pytest.raises(ValueError, match=r"not finished \(stopped by SIGTERM at step 4\)"):
+        evaluate(config)
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"not finished \(interrupted, or still training\)"):
+        evaluate(config)
+    assert not (tmp_path / "rep" / "metrics.json").exists()
+
+
 def _entry(init: str, budget: str, seed, acc: float, ext_acc: float, images: int = 40) -> dict:
     run = f"/runs/{init}_{budget.replace('/', 'per')}" + (
         f"_draw{seed}" if seed is not None else ""

@@ -27,6 +27,7 @@ from spcxr.atomic import atomic_write_text
 from spcxr.checks import at_least, require, writable_folder
 from spcxr.data.labels import LabelConfig, targets, usable
 from spcxr.data.store import PreparedStore
+from spcxr.errors import UsageError
 from spcxr.evaluation.bootstrap import split_ci
 from spcxr.evaluation.draws import TestSample, paired_bootstrap
 from spcxr.train.distributed import resolve_device, resolve_precision
@@ -180,6 +181,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     for run_text in config.runs:
         run = Path(run_text)
         info = json.loads((run / "run.json").read_text())
+        _require_finished(run, info)
         if info.get("kind") == "segmentation":
             from spcxr.tasks.segment import evaluate_segmentation_run
 
@@ -203,6 +205,23 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
 
     write_report(results, out)
     return results
+
+
+def _require_finished(run: Path, info: dict[str, Any]) -> None:
+    """Refuse a run that has not finished: its ``model/`` is only the best state validated so
+    far, and a report must never pass it off as the run's result."""
+    if "finished" in info:
+        return
+    stopped = info.get("stopped")
+    why = (
+        f"stopped by {stopped['by']} at step {stopped['step']}"
+        if isinstance(stopped, dict)
+        else "interrupted, or still training"
+    )
+    raise UsageError(
+        f"{run}: this run has not finished ({why}); finish it first (the command that trained it, "
+        "with --train-resume), then evaluate it"
+    )
 
 
 def _plain_config(config: EvaluateConfig) -> dict[str, Any]:
