@@ -46,7 +46,8 @@ def _model_json(folder: Path, classes: list[str], init: dict | None = None) -> P
 
 def _run_json(run: Path, **data) -> None:
     info = {"kind": "classification", "steps": 10, "best_step": 5, "select": "macro_auroc",
-            "best_value": 0.75, "data": {"train": {"images": 12, "patients": 6,
+            "best_value": 0.75, "finished": "2026-01-01T00:00:00+0000",
+            "data": {"train": {"images": 12, "patients": 6,
                                                    "digest": "d1"}, **data}}  # fmt: skip
     (run / "run.json").write_text(json.dumps(info))
 
@@ -184,3 +185,23 @@ def test_source_shortcut_is_flagged(two_source_store, tmp_path) -> None:
     info = json.loads((run / "run.json").read_text())
     assert shortcut_table(run, info, meta) is None
     assert "Shortcut risk" not in model_card(model)
+
+
+def test_a_run_that_has_not_finished_says_so_on_its_card_and_when_loaded(
+    synth_store, tmp_path, caplog
+) -> None:
+    """A stopped run's model/ is the best state so far: the card and predict say so."""
+    from spcxr.inference.predict import load_model
+
+    run = make_class_run(synth_store, tmp_path / "tiny")
+    info = json.loads((run / "run.json").read_text())
+    del info["finished"]
+    (run / "run.json").write_text(json.dumps({**info, "stopped": {"by": "SIGTERM", "step": 3}}))
+    card = model_card(run / "model")
+    assert (
+        "- Run: **not finished** (stopped by SIGTERM at step 3): its model is only the best" in card
+    )
+    assert "model selected at step" not in card
+    with caplog.at_level("WARNING", logger="spcxr.inference.predict"):
+        load_model(run)
+    assert "its run has not finished (stopped by SIGTERM at step 3)" in caplog.text

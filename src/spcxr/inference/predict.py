@@ -376,7 +376,28 @@ def load_model(run: str | os.PathLike[str]) -> LoadedModel:
             f"{folder}: preprocessing img_size {prep.img_size} differs from the model's "
             f"{meta['config']['img_size']}"
         )
+    _warn_if_unfinished(folder)
     return LoadedModel(model.eval(), meta, folder, task, prep, class_names, multilabel)
+
+
+def _warn_if_unfinished(folder: Path) -> None:
+    """Predicting with (or exporting) a stopped run's model is allowed, never silently."""
+    from spcxr.modelcard import UNFINISHED_MODEL, run_record_dir, unfinished_reason
+
+    record = run_record_dir(folder)
+    if record is None:
+        return
+    try:
+        info = json.loads((record / "run.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return  # the model card and evaluate say what is wrong with it
+    if isinstance(info, dict) and "kind" in info and "finished" not in info:
+        log.warning(
+            "%s: its run has not finished (%s): %s",
+            folder,
+            unfinished_reason(info),
+            UNFINISHED_MODEL,
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -210,18 +210,13 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
 def _require_finished(run: Path, info: dict[str, Any]) -> None:
     """Refuse a run that has not finished: its ``model/`` is only the best state validated so
     far, and a report must never pass it off as the run's result."""
-    if "finished" in info:
-        return
-    stopped = info.get("stopped")
-    why = (
-        f"stopped by {stopped['by']} at step {stopped['step']}"
-        if isinstance(stopped, dict)
-        else "interrupted, or still training"
-    )
-    raise UsageError(
-        f"{run}: this run has not finished ({why}); finish it first (the command that trained it, "
-        "with --train-resume), then evaluate it"
-    )
+    from spcxr.modelcard import UNFINISHED_MODEL, unfinished_reason
+
+    if "finished" not in info:
+        raise UsageError(
+            f"{run}: this run has not finished ({unfinished_reason(info)}): {UNFINISHED_MODEL}; "
+            "finish it first (the command that trained it, with --train-resume), then evaluate it"
+        )
 
 
 def _plain_config(config: EvaluateConfig) -> dict[str, Any]:
