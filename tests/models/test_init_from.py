@@ -13,7 +13,7 @@ from timm.layers import resample_abs_pos_embed
 
 from spcxr.models.classifier import Classifier, ClassifierConfig, save_classifier
 from spcxr.models.folder import read_model_dir
-from spcxr.models.init_from import load_init
+from spcxr.models.init_from import export_is_current, load_init
 from spcxr.models.vit import create_encoder, save_encoder
 from spcxr.pretrain.engine import PretrainConfig, pretrain
 from spcxr.pretrain.gmml import GMMLConfig
@@ -132,6 +132,7 @@ def test_checkpoint_path_when_encoder_was_not_exported(
     assert info["init"] == "gmml" and info["path"] == str(ckpt.resolve())
     assert info["weights_sha256"] == _sha16(ckpt)
     assert info["source_run"]["steps_done"] == 2
+    assert not export_is_current(checkpoint_only_run)  # not exported: not finished
 
 
 def test_an_unfinished_pretraining_is_used_with_a_warning(
@@ -159,6 +160,7 @@ def test_a_run_continued_past_its_export_says_which_step_the_export_holds(
         encoder, info = load_init(str(run), **TINY)
     _assert_state_equal(encoder, gmml_encoder_state)
     assert "exported at step 2, but the run now goes to step 5" in caplog.text
+    assert not export_is_current(run) and export_is_current(gmml_run)
     assert (info["source_run"]["steps_done"], info["source_run"]["steps"]) == (2, 5)
     caplog.clear()
     with caplog.at_level("WARNING", logger="spcxr.models.init_from"):

@@ -306,12 +306,22 @@ def test_tiny_study_keeps_external_test_out_and_pairs_draws(
         "base": "study.yaml",
         "reports": "reports_curve",
         "results": str(tmp_path / "results_curve"),
-        "inits": ["gmml", "scratch", f"short={short}", f"unfinished={tmp_path / 'running'}"],
+        "inits": [
+            "gmml",
+            "scratch",
+            f"short={short}",
+            f"unfinished={tmp_path / 'running'}",
+            f"continued={tmp_path / 'continued'}",
+        ],
         "tasks": [{**config["tasks"][0], "budgets": ["3/class"]}],
     }
     (tmp_path / "curve.yaml").write_text(yaml.safe_dump(curve))
     (tmp_path / "running").mkdir()
     shutil.copy(short / "checkpoint.pt", tmp_path / "running")  # a pretraining still running
+    # a finished pretraining being continued to more steps: its encoder/ is the old one
+    shutil.copytree(short, tmp_path / "continued")
+    info = json.loads((tmp_path / "continued" / "run.json").read_text())
+    (tmp_path / "continued" / "run.json").write_text(json.dumps({**info, "steps": 3}))
     Study(load_study(tmp_path / "curve.yaml")).run()
     assert stamps == {r.name: (r / "run.json").stat().st_mtime for r, _ in runs}
     trained = sorted(p.name for p in (study.out / "tasks" / "tiny").iterdir())
@@ -327,8 +337,9 @@ def test_tiny_study_keeps_external_test_out_and_pairs_draws(
     assert f"`short` | `{short}` | 1 / 1" in page
     assert f"`gmml` | `{study.out / 'pretrain'}` | 2 / 2" in page
     # the runs from the unfinished pretraining are left out and listed, never trained
-    assert not [n for n in trained if n.startswith("unfinished")]
+    assert not [n for n in trained if n.startswith(("unfinished", "continued"))]
     assert "unfinished_3perclass_draw0 (encoder" in page and "not finished)" in page
+    assert "continued_3perclass_draw0 (encoder" in page
 
 
 def test_a_study_stops_after_an_unfinished_pretraining_and_continues_it(

@@ -49,7 +49,7 @@ from spcxr.train.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
-__all__ = ["encoder_shape", "load_init"]
+__all__ = ["encoder_shape", "export_is_current", "load_init"]
 
 _PRETRAIN_FORMAT = "spcxr-pretrain-checkpoint"
 _ENCODER_PREFIX = "encoder."
@@ -178,6 +178,18 @@ def _load_gmml(
             record["steps"],
         )
     return encoder, {"path": str(ckpt), "source_run": record}
+
+
+def export_is_current(run: str | Path) -> bool:
+    """True when a GMML run folder's ``encoder/`` holds the run's last step: the pretraining has
+    finished. False before the first export, and while a finished run is being continued
+    (``--epochs N --resume``): its ``encoder/`` is then the old one until it finishes again."""
+    exported = Path(run) / "encoder" / "model.safetensors"
+    if not exported.is_file():
+        return False
+    record = _export_record(exported) or {}
+    done, planned = record.get("steps_done"), record.get("steps")
+    return not (isinstance(done, int) and isinstance(planned, int) and done < planned)
 
 
 def _export_record(weights: Path) -> dict[str, Any] | None:

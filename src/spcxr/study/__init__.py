@@ -53,10 +53,13 @@ def _finished(run: Path) -> bool:
 
 
 def _encoder_ready(init: str) -> bool:
-    """``scratch``, an encoder file, or a pretraining run folder whose encoder is exported (a run
-    folder with only a checkpoint is a pretraining that has not finished)."""
-    path = Path(init)
-    return init == "scratch" or path.is_file() or (path / "encoder" / "model.safetensors").is_file()
+    """``scratch``, an encoder file, or a pretraining run folder that has finished: its encoder
+    is exported and holds the run's last step (a folder with only a checkpoint is a pretraining
+    still running; one whose export is older than its schedule is a finished run being continued
+    to more epochs, and its runs must not be trained from the old encoder under the new name)."""
+    from spcxr.models.init_from import export_is_current
+
+    return init == "scratch" or Path(init).is_file() or export_is_current(init)
 
 
 class Study:
