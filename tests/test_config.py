@@ -108,3 +108,16 @@ def test_the_vits_config_is_the_long_cpu_run_with_its_stated_changes() -> None:
     }
     assert changed == {"out", "model.arch", "optim.lr", "optim.warmup_epochs"}
     assert vits["model"]["arch"] == "vit_small" and vits["optim"]["lr"] == 2.0e-3
+
+
+def test_a_command_with_a_setting_called_base_reads_it_as_that_setting(tmp_path: Path) -> None:
+    """``spcxr sweep``'s ``base`` is its recipe file, not a config to start from."""
+    from spcxr.tasks.sweep import SweepConfig
+
+    recipe = _write(tmp_path / "recipe.yaml", {"train": {"epochs": 3}})
+    sweep = _write(tmp_path / "sweep.yaml", {"base": str(recipe), "inits": ["scratch"]})
+    config = load_yaml(SweepConfig, sweep)
+    assert config.base == str(recipe) and config.inits == ["scratch"]
+    assert load_yaml(SweepConfig, CONFIGS / "sweep_kermany_cpu.yaml").base == (
+        "configs/finetune_kermany_cpu.yaml"
+    )

@@ -203,11 +203,13 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**kwargs)
 
 
-def read_chain(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+def read_chain(path: str | Path, inherit: bool = True) -> list[tuple[Path, dict[str, Any]]]:
     """A YAML config file and the files it starts from, the furthest base first.
 
     ``base: OTHER.yaml`` (relative to the file that names it) makes a file a set of changes to
     another, which may itself name a base; each mapping is returned without its ``base`` key.
+    With ``inherit`` off (a command whose own setting is called ``base``, as ``spcxr sweep``'s
+    recipe file) the file is read alone and keeps its ``base`` key.
 
     Raises:
         ValueError: a file that is not a mapping, or a chain of bases that comes back on itself.
@@ -223,7 +225,7 @@ def read_chain(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
         raw = yaml.safe_load(current.read_text()) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{current}: a config file must be a mapping of keys to values")
-        base = raw.pop("base", None)
+        base = raw.pop("base", None) if inherit else None
         chain.append((current, raw))
         current = current.parent / str(base) if base else None
     return chain[::-1]
@@ -245,7 +247,7 @@ def _read_settings(cls: type, path: str | Path) -> dict[str, Any]:
     data: dict[str, Any] = {}
     # Flattened file by file, so that a nested key in one file and the flag spelling of the
     # same setting in another (``model: {arch: ...}`` / ``model_arch: ...``) still override.
-    for file, raw in read_chain(path):
+    for file, raw in read_chain(path, inherit="base" not in config_keys(cls)):
         try:
             flat = _flatten_yaml(cls, raw)
         except ValueError as error:

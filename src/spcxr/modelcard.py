@@ -69,18 +69,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-UNFINISHED_MODEL = "its model is only the best state validated so far"
-
-
-def unfinished_reason(info: dict[str, Any]) -> str:
-    """Why a run's ``run.json`` has no ``finished``: the signal that stopped it and where, else
-    an interruption (a killed process) or a run still training."""
-    stopped = info.get("stopped")
-    if isinstance(stopped, dict):
-        return f"stopped by {stopped.get('by')} at step {stopped.get('step')}"
-    return "interrupted, or still training"
-
-
 def run_record_dir(model_dir: str | os.PathLike[str]) -> Path | None:
     """The folder holding ``run.json`` (+ ``config.yaml``) for a model folder, if any.
 
@@ -367,6 +355,8 @@ def _finetune_section(
         if augment:
             lines.append("- Augmentation: " + ", ".join(f"{k} {v}" for k, v in augment.items()))
     if info and "finished" not in info:
+        from spcxr.tasks.loop import UNFINISHED_MODEL, unfinished_reason
+
         lines.append(f"- Run: **not finished** ({unfinished_reason(info)}): {UNFINISHED_MODEL}")
     elif info:
         lines.append(

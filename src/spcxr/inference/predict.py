@@ -382,7 +382,8 @@ def load_model(run: str | os.PathLike[str]) -> LoadedModel:
 
 def _warn_if_unfinished(folder: Path) -> None:
     """Predicting with (or exporting) a stopped run's model is allowed, never silently."""
-    from spcxr.modelcard import UNFINISHED_MODEL, run_record_dir, unfinished_reason
+    from spcxr.modelcard import run_record_dir
+    from spcxr.tasks.loop import UNFINISHED_MODEL, unfinished_reason
 
     record = run_record_dir(folder)
     if record is None:

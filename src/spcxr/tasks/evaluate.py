@@ -210,7 +210,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
 def _require_finished(run: Path, info: dict[str, Any]) -> None:
     """Refuse a run that has not finished: its ``model/`` is only the best state validated so
     far, and a report must never pass it off as the run's result."""
-    from spcxr.modelcard import UNFINISHED_MODEL, unfinished_reason
+    from spcxr.tasks.loop import UNFINISHED_MODEL, unfinished_reason
 
     if "finished" not in info:
         raise UsageError(

@@ -547,6 +547,18 @@ def write_train_rows(store: PreparedStore, rows: np.ndarray, run_dir: Path) -> N
     ).to_csv(run_dir / "train_rows.csv", index=False)
 
 
+UNFINISHED_MODEL = "its model is only the best state validated so far"
+
+
+def unfinished_reason(info: dict[str, Any]) -> str:
+    """Why a run's ``run.json`` has no ``finished``: the signal that stopped it and where, else
+    an interruption (a killed process) or a run still training."""
+    stopped = info.get("stopped")
+    if isinstance(stopped, dict):
+        return f"stopped by {stopped.get('by')} at step {stopped.get('step')}"
+    return "interrupted, or still training"
+
+
 def finish_run(run_dir: Path, info: dict[str, Any], result: FitResult) -> dict[str, Any]:
     """Add what :func:`fit` did to the run's record and rewrite ``run.json``."""
     info.update(
