@@ -56,8 +56,30 @@ def _seeded_rngs():
     torch.manual_seed(0)
 
 
+def sigterm_group_after_first_log_line(
+    argv: list[str], run: Path, timeout: float = 120
+) -> tuple[int, str, str]:
+    """Start ``argv`` in a session of its own, wait for its first ``run/log.jsonl`` line, then
+    send SIGTERM to its whole process group (data-loader workers included), as ``kill -- -PGID``
+    or a cluster scheduler does. Returns ``(exit status, stdout, stderr)``."""
+    import os
+    import signal
+
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        wait_for_first_log_line(proc, run, timeout=timeout)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, err
+
+
 def wait_for_first_log_line(proc: subprocess.Popen, run: Path, timeout: float) -> None:
-    """Block until the pretraining ``proc`` has written its first ``run/log.jsonl`` line; fail
+    """Block until the training ``proc`` has written its first ``run/log.jsonl`` line; fail
     with its output if it exits first or ``timeout`` seconds pass."""
     import time
 

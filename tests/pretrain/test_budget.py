@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import console_script, tiny_pretrain_config, wait_for_first_log_line
+from tests.conftest import (
+    console_script,
+    sigterm_group_after_first_log_line,
+    tiny_pretrain_config,
+)
 
 from spcxr.cli import main
 from spcxr.pretrain.engine import PretrainConfig, Pretrainer, parse_duration, pretrain
@@ -130,16 +133,8 @@ def test_cli_sigterm_exits_143_with_the_checkpoint_at_the_last_step(
         "--max-steps", "100000", "--log-every", "1", "--checkpoint-every", "100000",
         "--no-progress", "--no-tensorboard",
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        wait_for_first_log_line(proc, run, timeout=120)
-        os.killpg(proc.pid, signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    status, out, err = sigterm_group_after_first_log_line(argv, run)
+    assert status == 128 + signal.SIGTERM, err
     assert "Traceback" not in err
     step = load_checkpoint(run / "checkpoint.pt")["step"]
     logged = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]

@@ -178,11 +178,7 @@ def test_cli_finetune_stopped_by_sigterm_exits_143_and_says_how_to_continue(
     synth_store, tmp_path
 ) -> None:
     """The installed script, SIGTERM to its process group mid-run (data-loader worker included)."""
-    import os
-    import signal
-    import subprocess
-
-    from tests.conftest import console_script, wait_for_first_log_line
+    from tests.conftest import console_script, sigterm_group_after_first_log_line
 
     run = tmp_path / "run"
     argv = [
@@ -194,17 +190,8 @@ def test_cli_finetune_stopped_by_sigterm_exits_143_and_says_how_to_continue(
         "--train-patience", "0", "--train-device", "cpu", "--train-workers", "1",
         "--no-train-progress", "--no-train-tensorboard",
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        wait_for_first_log_line(proc, run, timeout=120)
-        os.killpg(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, err
+    status, _, err = sigterm_group_after_first_log_line(argv, run)
+    assert status == 143, err
     assert "stopped by SIGTERM at step" in err and "--train-resume" in err, err
     assert "Traceback" not in err
     from spcxr.train.checkpoint import load_checkpoint
