@@ -141,16 +141,15 @@ def _load_gmml(
     if exported.is_file() and not from_checkpoint:
         encoder = _load_exported(exported, target_args)
         record = _export_record(exported)
-        done, planned = (record or {}).get("steps_done"), (record or {}).get("steps")
-        if isinstance(done, int) and isinstance(planned, int) and done < planned:
+        if _export_behind(record):
             # A finished run continued to more epochs keeps its last export until it finishes
             # again: that export is used (it is a finished product), but never silently.
             log.warning(
                 "%s: exported at step %d, but the run now goes to step %d (it is being "
                 "continued): fine-tuning from that export; name %s for its latest state",
                 exported.parent,
-                done,
-                planned,
+                record["steps_done"],
+                record["steps"],
                 run / "checkpoint.pt",
             )
         return encoder, {"path": str(exported), "source_run": record}
@@ -185,11 +184,14 @@ def export_is_current(run: str | Path) -> bool:
     finished. False before the first export, and while a finished run is being continued
     (``--epochs N --resume``): its ``encoder/`` is then the old one until it finishes again."""
     exported = Path(run) / "encoder" / "model.safetensors"
-    if not exported.is_file():
-        return False
-    record = _export_record(exported) or {}
-    done, planned = record.get("steps_done"), record.get("steps")
-    return not (isinstance(done, int) and isinstance(planned, int) and done < planned)
+    return exported.is_file() and not _export_behind(_export_record(exported))
+
+
+def _export_behind(record: dict[str, Any] | None) -> bool:
+    """True when an export's record (:func:`_export_record`) says it holds an earlier step than
+    its run is now scheduled to reach."""
+    done, planned = (record or {}).get("steps_done"), (record or {}).get("steps")
+    return isinstance(done, int) and isinstance(planned, int) and done < planned
 
 
 def _export_record(weights: Path) -> dict[str, Any] | None:
