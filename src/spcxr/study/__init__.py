@@ -47,11 +47,6 @@ def _data_root(config: StudyConfig) -> Path:
     return root
 
 
-def _finished(run: Path) -> bool:
-    info = run / "run.json"
-    return info.is_file() and "finished" in json.loads(info.read_text())
-
-
 def _encoder_ready(init: str) -> bool:
     """``scratch``, an encoder file, or a pretraining run folder that has finished: its encoder
     is exported and holds the run's last step (a folder with only a checkpoint is a pretraining
@@ -219,24 +214,25 @@ class Study:
 
     def train(self, task: StudyTask) -> list[Path]:
         from spcxr.tasks.classify import FinetuneConfig, finetune
+        from spcxr.tasks.loop import run_finished
         from spcxr.tasks.segment import SegmentConfig, segment
 
         done = []
         source = next((t for t in self.config.tasks if t.name == task.reuse), task)
         kind = source.kind
         for run, settings in self.runs_of(task):
-            if not _finished(run) and self.config.finished_only:
+            if not run_finished(run) and self.config.finished_only:
                 log.warning("study: %s is not finished; left out (--finished-only)", run)
                 self.missing.append(str(run))
                 continue
-            if not _finished(run) and not _encoder_ready(settings["init"]):
+            if not run_finished(run) and not _encoder_ready(settings["init"]):
                 # e.g. a longer pretraining still running: never fine-tune from its checkpoint
                 log.warning(
                     "study: %s left out: %s has no exported encoder yet", run, settings["init"]
                 )
                 self.missing.append(f"{run} (encoder {settings['init']} not finished)")
                 continue
-            if not _finished(run):
+            if not run_finished(run):
                 log.info("study: training %s", run)
                 if kind == "segment":
                     segment(from_dict(SegmentConfig, settings))
