@@ -1,4 +1,10 @@
-"""bf16 autocast on the CPU computes what float32 computes, within bf16 rounding."""
+"""bf16 autocast on the CPU computes what float32 computes, within bf16 rounding.
+
+On a CPU without native bf16 (no AMX / AVX512-BF16: ``--precision bf16`` is refused there) the
+tests still run: oneDNN emulates the bf16 matmuls, slower but with the same rounding, so the
+numerics checked here are those of a native CPU. They used to skip on such CPUs, which left the
+bf16 path untested on every machine of that kind (e.g. an AVX2-only EPYC).
+"""
 
 from __future__ import annotations
 
@@ -16,21 +22,24 @@ from spcxr.pretrain.engine import OptimConfig, PretrainConfig, pretrain
 from spcxr.pretrain.gmml import GMMLConfig
 from spcxr.tasks.classify import FinetuneConfig, finetune, load_run_model, predict_store
 from spcxr.tasks.loop import FinetuneOptimConfig, TrainConfig
+from spcxr.train import distributed
 from spcxr.train.checkpoint import load_checkpoint
-from spcxr.train.distributed import cpu_bf16_support
 from spcxr.train.logging import read_log
 
-pytestmark = pytest.mark.skipif(
-    cpu_bf16_support() is None, reason="this CPU has no native bf16 (AMX or AVX512-BF16)"
-)
+
+@pytest.fixture(autouse=True)
+def bf16_allowed(monkeypatch) -> None:
+    """Let ``precision: bf16`` through on a CPU without native bf16 (emulated, same rounding)."""
+    if distributed.cpu_bf16_support() is None:
+        monkeypatch.setattr(distributed, "cpu_bf16_support", lambda: "emulated")
 
 
 def test_bf16_pretraining_loss_matches_float32(tiny_store: Path, tmp_path: Path) -> None:
-    """36 seeded steps of a tiny GMML in each precision.
+    """18 seeded steps of a tiny GMML in each precision (36 cost 90 s with emulated bf16).
 
     bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%) in the matmuls; the loss is a
     mean over ~10^4 masked pixels, computed in float32, so the logged losses agree far closer
-    than one rounding step: rel 5e-3 (measured: ~5e-5 after 36 steps).
+    than one rounding step: rel 5e-3 (measured: ~5e-5 after 36 steps on a native CPU).
     """
     runs = {}
     for precision in ("fp32", "bf16"):
@@ -40,11 +49,11 @@ def test_bf16_pretraining_loss_matches_float32(tiny_store: Path, tmp_path: Path)
             model=GMMLConfig(arch="vit_tiny", img_size=32, patch_size=8, drop_path_rate=0.0),
             optim=OptimConfig(lr=2e-3, warmup_epochs=0.5),
             batch_size=8,
-            max_steps=36,
+            max_steps=18,
             device="cpu",
             precision=precision,
             workers=0,
-            log_every=6,
+            log_every=3,
             preview_every=1000,
             progress=False,
             tensorboard=False,
