@@ -64,6 +64,27 @@ def test_finetune_writes_model_run_info_and_selects_on_validation(synth_store, t
     assert set(store.manifest["split"].iloc[rows["row"]]) == {"train"}
 
 
+def test_a_small_validation_split_is_called_noisy(synth_store, tmp_path, caplog) -> None:
+    from spcxr.tasks.classify import SMALL_VALIDATION_PER_CLASS, _warn_if_small_validation
+
+    with caplog.at_level("WARNING", logger="spcxr"):
+        finetune(_config(synth_store, tmp_path / "run"))
+    val = json.loads((tmp_path / "run" / "run.json").read_text())["data"]["val"]["per_class"]
+    assert min(val.values()) < SMALL_VALIDATION_PER_CLASS  # the synthetic store's few images
+    (said,) = [r.getMessage() for r in caplog.records if "validation split:" in r.getMessage()]
+    fewest = min(val, key=val.__getitem__)
+    assert f"only {val[fewest]} of class {fewest!r}" in said and "noisy" in said
+
+    caplog.clear()
+    enough = np.repeat([0, 1], SMALL_VALIDATION_PER_CLASS)
+    with caplog.at_level("WARNING", logger="spcxr"):
+        _warn_if_small_validation(enough, ["normal", "abnormal"])
+        _warn_if_small_validation(enough[:-1], ["normal", "abnormal"])
+    assert (
+        len(caplog.records) == 1 and "only 9 of class 'abnormal'" in caplog.records[0].getMessage()
+    )
+
+
 def test_label_budget_is_by_patient_and_nested(synth_store) -> None:
     store = PreparedStore(synth_store)
     small = select_rows(store, _config(synth_store, "x", budget="2/class"))

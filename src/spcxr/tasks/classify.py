@@ -88,7 +88,7 @@ class FinetuneConfig:
             ``sampler`` (class-balanced batches) or ``none``.
         label_smoothing: label smoothing of the cross-entropy (DeiT: 0.1).
         select: validation metric for model selection (``auto``: macro AUROC, ``loss``,
-            ``balanced_accuracy``, ...).
+            ``balanced_accuracy``, ...; ``last``: no selection, the last step is kept).
         labels: which targets to learn.
         model: classifier architecture (must match the initialisation's encoder).
         augment: fine-tuning augmentation (batched, on the device).
@@ -283,6 +283,35 @@ def describe_rows(store: PreparedStore, rows: np.ndarray, y: np.ndarray, classes
     return info
 
 
+SMALL_VALIDATION_PER_CLASS = 10
+"""Fewer validation images than this in some class: model selection is mostly noise."""
+
+
+def _warn_if_small_validation(y_val: np.ndarray, classes: list[str]) -> None:
+    """Say when the validation split is too small for the step it picks to mean much.
+
+    With a handful of validation images per class, macro AUROC jumps between far-apart values
+    from one validation to the next (0.53, 0.10, 0.13 on 8 images of the synthetic set, and 0.0
+    is possible), so "best validation" is mostly which step happened to rank those few images
+    well, and the summary's figure is no estimate of the model's quality.
+    """
+    counts = {c: int((y_val == i).sum()) for i, c in enumerate(classes)}
+    present = {c: n for c, n in counts.items() if n}
+    if not present:
+        return
+    fewest = min(present, key=present.__getitem__)
+    if present[fewest] < SMALL_VALIDATION_PER_CLASS:
+        log.warning(
+            "validation split: %d images, only %d of class %r: the validation metric that picks "
+            "the best step is noisy at this size, and its value in the summary is no estimate "
+            "of the model's quality (a larger validation split, or --select last, and a test "
+            "set for the estimate)",
+            len(y_val),
+            present[fewest],
+            fewest,
+        )
+
+
 class ClassifyTask(SupervisedTask):
     """Fine-tuning a classifier (or a linear probe) on the rows of :func:`select_rows`."""
 
@@ -316,6 +345,8 @@ class ClassifyTask(SupervisedTask):
                 log.warning("validation rows hold one class only: selecting on the validation loss")
                 select = "loss"
         self.higher_is_better = select != "loss"
+        if not config.n_folds and not self.multilabel:
+            _warn_if_small_validation(rows.y_val, rows.classes)
         if config.n_folds:
             log.info("k-fold: no validation split; the last step is kept (no early stopping)")
             select = "last"
