@@ -80,6 +80,7 @@ def test_a_small_validation_split_is_called_noisy(synth_store, tmp_path, caplog)
     with caplog.at_level("WARNING", logger="spcxr"):
         _warn_if_small_validation(enough, ["normal", "abnormal"])
         _warn_if_small_validation(enough[:-1], ["normal", "abnormal"])
+        _warn_if_small_validation(np.zeros(3, int), ["normal", "abnormal"])  # warned elsewhere
     assert (
         len(caplog.records) == 1 and "only 9 of class 'abnormal'" in caplog.records[0].getMessage()
     )

@@ -297,12 +297,12 @@ def _warn_if_small_validation(y_val: np.ndarray, classes: list[str]) -> None:
     """
     counts = {c: int((y_val == i).sum()) for i, c in enumerate(classes)}
     present = {c: n for c, n in counts.items() if n}
-    if not present:
-        return
+    if len(present) < 2:
+        return  # one class or none: said where selection falls back to the loss
     fewest = min(present, key=present.__getitem__)
     if present[fewest] < SMALL_VALIDATION_PER_CLASS:
         log.warning(
-            "validation split: %d images, only %d of class %r: the validation metric that picks "
+            "validation split: %d image(s), only %d of class %r: the validation metric that picks "
             "the best step is noisy at this size, and its value in the summary is no estimate "
             "of the model's quality (a larger validation split, or --select last, and a test "
             "set for the estimate)",
