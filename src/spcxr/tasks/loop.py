@@ -371,6 +371,80 @@ def run_task(task: SupervisedTask) -> dict[str, Any]:
     return finish_run(run_dir, info, result)
 
 
+@dataclass
+class _Progress:
+    """What :func:`fit` carries from step to step, and what its checkpoint restores."""
+
+    step: int = 0
+    best_value: float = float("nan")
+    best_step: int = -1
+    bad_evals: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    # the training loss since the last validation (a stop between validations saves it)
+    window: float = 0.0
+    window_n: int = 0
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "best_value": self.best_value,
+            "best_step": self.best_step,
+            "bad_evals": self.bad_evals,
+            "history": self.history,
+            "train_loss_window": (self.window, self.window_n),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> _Progress:
+        window, window_n = state.get("train_loss_window", (0.0, 0))
+        return cls(
+            step=state["step"],
+            best_value=state["best_value"],
+            best_step=state["best_step"],
+            bad_evals=state["bad_evals"],
+            history=state["history"],
+            window=window,
+            window_n=window_n,
+        )
+
+
+def _validation(
+    task: SupervisedTask, p: _Progress, lr: float, epoch: float
+) -> tuple[dict[str, Any], float]:
+    """Validate at step ``p.step``: keep the state if it is the best so far (``task.save_best``),
+    count a bad validation otherwise, and close the training-loss window. Returns the log record
+    and the selection value; with ``select: last`` nothing is validated and every state counts
+    as the best so far."""
+    metrics: dict[str, float] = {}
+    value, improved = float("nan"), True
+    if task.select != "last":
+        task.model.eval()
+        with torch.no_grad():
+            metrics = task.validate()
+        task.model.train()
+        value = metrics.get(task.select, float("nan"))
+        if not math.isfinite(value):
+            raise ValueError(f"validation metric {task.select!r} is undefined: {metrics}")
+        improved = not math.isfinite(p.best_value) or (
+            value > p.best_value if task.higher_is_better else value < p.best_value
+        )
+    if improved:
+        p.best_value, p.best_step, p.bad_evals = value, p.step, 0
+        task.save_best()
+    else:
+        p.bad_evals += 1
+    record = {
+        "epoch": epoch,
+        "lr": lr,
+        "train_loss": p.window / max(p.window_n, 1),
+        **{f"val_{k}": v for k, v in metrics.items()},
+        "best": improved,
+    }
+    p.history.append({"step": p.step, **record})
+    p.window, p.window_n = 0.0, 0
+    return record, value
+
+
 def fit(task: SupervisedTask) -> FitResult:
     """Train ``task.model`` with ``task.loss`` on the planned batches; keep the best validated
     state (``task.save_best``), checkpoint at every validation, stop after ``patience`` bad
@@ -391,141 +465,103 @@ def fit(task: SupervisedTask) -> FitResult:
     precision = resolve_precision(config.precision, device, flag="--train-precision")
 
     ckpt_path = run_dir / "checkpoint.pt"
-    step, best_value, best_step, bad_evals = 0, float("nan"), -1, 0
-    history: list[dict[str, Any]] = []
-    window, window_n = 0.0, 0
+    p = _Progress()
     if config.resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path, map_location=device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        step, best_value, best_step = state["step"], state["best_value"], state["best_step"]
-        bad_evals, history = state["bad_evals"], state["history"]
-        # the training loss since the last validation (a stop between validations saves it)
-        window, window_n = state.get("train_loss_window", (0.0, 0))
-        log.info("resumed %s at step %d", run_dir, step)
+        p = _Progress.from_state(state)
+        log.info("resumed %s at step %d", run_dir, p.step)
     elif ckpt_path.is_file():
         raise UsageError(
             f"--out {run_dir} already holds a run; pass --train-resume or choose another --out"
         )
 
-    logger = RunLogger(run_dir, tensorboard=config.tensorboard, start_step=step)
-    bar = tqdm(
-        total=total, initial=step, desc=run_dir.name, unit="step", disable=not config.progress
-    )
-    stopped_early, stopped_by = False, None
-
     def checkpoint() -> None:
         save_checkpoint(
             {
                 "format": "spcxr-supervised-checkpoint",
-                "step": step,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "best_value": best_value,
-                "best_step": best_step,
-                "bad_evals": bad_evals,
-                "history": history,
-                "train_loss_window": (window, window_n),
+                **p.state(),
             },
             ckpt_path,
         )
 
+    logger = RunLogger(run_dir, tensorboard=config.tensorboard, start_step=p.step)
+    bar = tqdm(
+        total=total, initial=p.step, desc=run_dir.name, unit="step", disable=not config.progress
+    )
+    stopped_early, stopped_by = False, None
     with stop_on_signals() as stop:
         try:
             batches = store_batches(
-                task.store, plan, step, total, workers=config.workers, masks=task.with_masks
+                task.store, plan, p.step, total, workers=config.workers, masks=task.with_masks
             )
             if probe_steps:
-                model.freeze_encoder(step < probe_steps)
+                model.freeze_encoder(p.step < probe_steps)
             model.train()
-            while step < total:
-                batch = next(batches)
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                if probe_steps and step == probe_steps:
+            while p.step < total:
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+                if probe_steps and p.step == probe_steps:
                     model.freeze_encoder(False)
-                    bad_evals = 0  # patience counts from the start of fine-tuning
-                    log.info("step %d: encoder unfrozen (fine-tuning after the probe phase)", step)
-                lr = phase_lr(step, total, probe_steps, base_lr, config.optim.min_lr, warmup)
+                    p.bad_evals = 0  # patience counts from the start of fine-tuning
+                    log.info(
+                        "step %d: encoder unfrozen (fine-tuning after the probe phase)", p.step
+                    )
+                lr = phase_lr(p.step, total, probe_steps, base_lr, config.optim.min_lr, warmup)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 # Stochastic depth and dropout draw from the global RNG: reseed per step (resume).
-                torch.manual_seed(derive_seed(config.seed, "step", step))
+                torch.manual_seed(derive_seed(config.seed, "step", p.step))
                 with autocast(device, precision):
-                    loss = task.loss(batch, step)
+                    loss = task.loss(batch, p.step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.optim.clip_grad > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad)
                 optimizer.step()
-                step += 1
+                p.step += 1
                 bar.update(1)
-                window += float(loss.detach())
-                window_n += 1
-                if step % eval_every == 0 or step == total:
-                    if select == "last":
-                        metrics, value, improved = {}, float("nan"), True
-                    else:
-                        model.eval()
-                        with torch.no_grad():
-                            metrics = task.validate()
-                        model.train()
-                        value = metrics.get(select, float("nan"))
-                        if not math.isfinite(value):
-                            raise ValueError(
-                                f"validation metric {select!r} is undefined: {metrics}"
-                            )
-                        improved = not math.isfinite(best_value) or (
-                            value > best_value if task.higher_is_better else value < best_value
-                        )
-                    if improved:
-                        best_value, best_step, bad_evals = value, step, 0
-                        task.save_best()
-                    else:
-                        bad_evals += 1
-                    record = {
-                        "epoch": step / spe,
-                        "lr": lr,
-                        "train_loss": window / max(window_n, 1),
-                        **{f"val_{k}": v for k, v in metrics.items()},
-                        "best": improved,
-                    }
-                    history.append({"step": step, **record})
-                    logger.log(step, record)
+                p.window += float(loss.detach())
+                p.window_n += 1
+                if p.step % eval_every == 0 or p.step == total:
+                    record, value = _validation(task, p, lr, p.step / spe)
+                    logger.log(p.step, record)
                     bar.set_postfix(
                         train_loss=f"{record['train_loss']:.3f}",
                         **{f"val_{select}": f"{value:.3f}"},
                     )
-                    window, window_n = 0.0, 0
                     checkpoint()
                     # Never stop in the probe phase: the fine-tuning phase has not been tried yet.
-                    if config.patience and bad_evals >= config.patience and step > probe_steps:
+                    if config.patience and p.bad_evals >= config.patience and p.step > probe_steps:
                         stopped_early = True
                         log.info(
                             "early stop at step %d (best %s %.4f at step %d)",
-                            step,
+                            p.step,
                             select,
-                            best_value,
-                            best_step,
+                            p.best_value,
+                            p.best_step,
                         )
                         break
                 elif stop.signum is not None:
                     # Between validations: checkpoint here. Every random choice is a function of
                     # (seed, step), so the resumed run goes on exactly as if never stopped.
                     checkpoint()
-                if stop.signum is not None and step < total:
+                if stop.signum is not None and p.step < total:
                     stopped_by = signal.Signals(stop.signum).name
                     log.warning(
-                        "%s: stopped by %s at step %d of %d", run_dir, stopped_by, step, total
+                        "%s: stopped by %s at step %d of %d", run_dir, stopped_by, p.step, total
                     )
                     break
         finally:
             bar.close()
             logger.close()
     return FitResult(
-        steps=step,
-        best_step=best_step,
-        best_value=best_value,
-        history=history,
+        steps=p.step,
+        best_step=p.best_step,
+        best_value=p.best_value,
+        history=p.history,
         stopped_early=stopped_early,
         seconds=time.perf_counter() - started,
         stopped_by=stopped_by,
