@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from spcxr.config import from_dict, merge
+from spcxr.errors import UsageError
 from spcxr.pretrain.engine import PretrainConfig
 from spcxr.study import Study, _nest_prepare
 from spcxr.study.config import load_study
@@ -96,6 +97,55 @@ def test_base_config_and_named_inits(tmp_path: Path) -> None:
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**child, "inits": bad}))
         with pytest.raises(ValueError, match="inits entry"):
             load_study(tmp_path / "bad.yaml")
+
+
+def test_pretraining_pool_is_the_sources_tasks_train_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pretraining takes only sources that a task trains on, less the k-fold ones. A source no
+    task names is left out: a config trimmed to one task (this happened with
+    ``tasks: [kermany_pneumonia]`` on the CPU study's sources) must not pretrain on Montgomery,
+    whose task, and with it its test-only status, was left out."""
+    import types
+
+    import pandas as pd
+    import yaml
+
+    import spcxr.data.store
+    import spcxr.pretrain.engine
+
+    names = ["kermany", "kermany_test", "shenzhen", "montgomery", "covid"]
+    manifest = pd.DataFrame({"source": names})
+    monkeypatch.setattr(
+        spcxr.data.store, "PreparedStore", lambda path: types.SimpleNamespace(manifest=manifest)
+    )
+    seen = []
+
+    def fake_pretrain(config):
+        seen.append(config.sources)
+        return types.SimpleNamespace(budget_stop=None)
+
+    monkeypatch.setattr(spcxr.pretrain.engine, "pretrain", fake_pretrain)
+    pneumonia = {"name": "p", "sources": ["kermany"], "external_sources": ["kermany_test"]}
+    lungs = {"name": "l", "kind": "segment", "sources": ["shenzhen"]}
+    lungs["external_sources"] = ["montgomery"]
+    covid = {"name": "c", "sources": ["covid"], "n_folds": 5}
+    drift = {"name": "d", "reuse": "p", "test_sources": ["shenzhen", "covid"]}
+    for tasks, pool in [
+        ([pneumonia, lungs, covid, drift], ["kermany", "shenzhen"]),
+        ([pneumonia], ["kermany"]),  # trimmed: montgomery, shenzhen, covid not pretrained on
+        ([pneumonia, drift], ["kermany"]),  # a reused task trains nothing
+        ([{"name": "all"}, covid], ["kermany", "kermany_test", "montgomery", "shenzhen"]),
+    ]:
+        config = {"variant": "v", "out": str(tmp_path / "s"), "tasks": tasks}
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump(config))
+        Study(load_study(tmp_path / "s.yaml")).pretrain()
+        assert seen.pop() == pool
+    # (a task on every source: its external / test-only images are in no training split, so
+    # the pretraining's `splits: [train]` still never reads them)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({**config, "tasks": [covid]}))
+    with pytest.raises(UsageError, match="no source left to pretrain on"):
+        Study(load_study(tmp_path / "s.yaml")).pretrain()
 
 
 def test_init_settings_give_each_initialisation_its_recipe(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from spcxr.config import from_dict, merge, to_dict
-from spcxr.errors import RunStopped
+from spcxr.errors import RunStopped, UsageError
 from spcxr.study.config import StudyConfig, StudyTask, load_study, split_init
 from spcxr.study.page import write_results_page
 from spcxr.train.signals import stop_exit_status, stop_reason
@@ -116,13 +116,25 @@ class Study:
             self.config.pretrain,
         )
         config = from_dict(PretrainConfig, settings)
-        excluded = self._kfold_sources()
-        if excluded:
-            # k-fold sources evaluate on every one of their images: none may be pretrained on.
-            from spcxr.data.store import PreparedStore
+        from spcxr.data.store import PreparedStore
 
-            store = PreparedStore(self.store)
-            config.sources = sorted(set(store.manifest["source"]) - set(excluded))
+        pool = set(PreparedStore(self.store).manifest["source"])
+        if config.sources:
+            pool &= set(config.sources)
+        # Only sources a task trains on: a source that no task names (e.g. an external test set
+        # whose task a trimmed-down config left out, and which is therefore not prepared
+        # test-only) is never pretrained on.
+        trained = self.config.trained_sources()
+        if trained is not None:
+            pool &= set(trained)
+        # k-fold sources evaluate on every one of their images: none may be pretrained on.
+        pool -= set(self._kfold_sources())
+        if not pool:
+            raise UsageError(
+                "study: no source left to pretrain on (the tasks' training sources, less the "
+                "k-fold ones)"
+            )
+        config.sources = sorted(pool)
         result = pretrain(config)
         if result.budget_stop:
             # An unfinished encoder must not be fine-tuned as if it were the study's: stop here

@@ -81,6 +81,13 @@ class StudyConfig:
         """Every task's external test sources (prepared test-only)."""
         return sorted({s for t in self.tasks for s in t.external_sources})
 
+    def trained_sources(self) -> list[str] | None:
+        """The sources some task trains on (``None``: a task trains on every source)."""
+        tasks = [t for t in self.tasks if not t.reuse]
+        if any(not t.sources for t in tasks):
+            return None
+        return sorted({s for t in tasks for s in t.sources})
+
     def kfold_sources(self) -> list[str]:
         """The sources of k-fold tasks (each of their images is evaluated on once)."""
         return sorted({s for t in self.tasks if t.n_folds for s in t.sources})
