@@ -127,22 +127,23 @@ def test_pretraining_pool_is_the_sources_tasks_train_on(
 
     monkeypatch.setattr(spcxr.pretrain.engine, "pretrain", fake_pretrain)
     pneumonia = {"name": "p", "sources": ["kermany"], "external_sources": ["kermany_test"]}
-    lungs = {"name": "l", "kind": "segment", "sources": ["shenzhen"]}
-    lungs["external_sources"] = ["montgomery"]
+    lungs = {
+        "name": "l", "kind": "segment", "sources": ["shenzhen"], "external_sources": ["montgomery"]
+    }  # fmt: skip
     covid = {"name": "c", "sources": ["covid"], "n_folds": 5}
     drift = {"name": "d", "reuse": "p", "test_sources": ["shenzhen", "covid"]}
     for tasks, pool in [
         ([pneumonia, lungs, covid, drift], ["kermany", "shenzhen"]),
         ([pneumonia], ["kermany"]),  # trimmed: montgomery, shenzhen, covid not pretrained on
         ([pneumonia, drift], ["kermany"]),  # a reused task trains nothing
+        # a task on every source: its external / test-only images are in no training split,
+        # so the pretraining's `splits: [train]` still never reads them
         ([{"name": "all"}, covid], ["kermany", "kermany_test", "montgomery", "shenzhen"]),
     ]:
         config = {"variant": "v", "out": str(tmp_path / "s"), "tasks": tasks}
         (tmp_path / "s.yaml").write_text(yaml.safe_dump(config))
         Study(load_study(tmp_path / "s.yaml")).pretrain()
         assert seen.pop() == pool
-    # (a task on every source: its external / test-only images are in no training split, so
-    # the pretraining's `splits: [train]` still never reads them)
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({**config, "tasks": [covid]}))
     with pytest.raises(UsageError, match="no source left to pretrain on"):
         Study(load_study(tmp_path / "s.yaml")).pretrain()

@@ -79,8 +79,8 @@ def write_results_page(config: StudyConfig, pretrain_dir: Path | None, missing: 
         lines += [
             f"- Pool: {d.get('images')} images of {d.get('patients')} patient groups "
             f"({', '.join(f'{k} {v}' for k, v in d.get('sources', {}).items())}): the training "
-            "split of every source a task trains on; no validation/test image of any task, nor any duplicate of "
-            "one, was pretrained on"
+            "split of every source a task trains on; no validation/test image of any task, nor "
+            "any duplicate of one, was pretrained on"
             + (
                 f"; k-fold sources left out entirely: {', '.join(config.kfold_sources())}"
                 if config.kfold_sources()
